@@ -1,0 +1,171 @@
+"""`pom-ha`: the operator's command line. A thin layer over the library; each group owns one area."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import click
+
+from pom_ha.config import ConfigError, Topology, load_topology
+from pom_ha.infra.process import InfraError
+
+T = TypeVar("T")
+
+topology_option = click.option(
+    "--topology",
+    "topology_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    envvar="POM_TOPOLOGY",
+    help="topology file (default config/lab.toml)",
+)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except (ConfigError, InfraError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _topology(path: str | None) -> Topology:
+    try:
+        return load_topology(path)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@click.group()
+def main() -> None:
+    """pom-ha: highly available control plane for proactive outbound contact centers."""
+
+
+# ---- infra -------------------------------------------------------------------------------------------
+@main.group()
+def infra() -> None:
+    """The lab's real servers: PostgreSQL, ZooKeeper, Kafka, Ignite, ActiveMQ."""
+
+
+@infra.command("up")
+@topology_option
+def infra_up(topology_path: str | None) -> None:
+    """Start every server of the topology and wait until each is ready on its protocol."""
+    from pom_ha.infra.stack import Stack
+
+    stack = Stack(_topology(topology_path))
+    seconds = _run(stack.up(progress=lambda m: click.echo(f"  {m}")))
+    click.echo(f"infrastructure up in {seconds:.1f} s (lab folder {stack.topo.lab_dir()})")
+    _print_status(stack)
+
+
+@infra.command("down")
+@topology_option
+def infra_down(topology_path: str | None) -> None:
+    """Stop every process the lab started (by PID). A no-op when nothing runs."""
+    from pom_ha.infra.stack import Stack
+
+    stopped = _run(Stack(_topology(topology_path)).down())
+    click.echo(f"stopped {len(stopped)} process(es)" + (f": {', '.join(stopped)}" if stopped else ""))
+
+
+@infra.command("status")
+@topology_option
+def infra_status(topology_path: str | None) -> None:
+    """One row per server process: POM server, kind, address:port, pid, state."""
+    from pom_ha.infra.stack import Stack
+
+    _print_status(Stack(_topology(topology_path)))
+
+
+def _print_status(stack: Any) -> None:
+    rows = _run(stack.status())
+    click.echo(
+        _table(
+            ["SERVER", "KIND", "ADDRESS", "PID", "STATE"],
+            [[r.pom_server, r.kind, r.endpoint, str(r.pid or "-"), r.state] for r in rows],
+        )
+    )
+
+
+# ---- db ----------------------------------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """The PostgreSQL schema."""
+
+
+@db.command("migrate")
+@topology_option
+def db_migrate(topology_path: str | None) -> None:
+    """Apply pending numbered migrations (idempotent)."""
+    import asyncpg
+
+    from pom_ha.db.migrate import migrate
+
+    topo = _topology(topology_path)
+
+    async def go() -> list[int]:
+        try:
+            conn = await asyncpg.connect(topo.postgres.dsn(), timeout=5)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise InfraError(
+                f"cannot reach PostgreSQL at {topo.postgres.address}:{topo.postgres.port}: {exc.__class__.__name__}"
+            ) from None
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    applied = _run(go())
+    click.echo(f"applied migrations {applied}" if applied else "schema up to date")
+
+
+# ---- run ---------------------------------------------------------------------------------------------
+@main.command("run", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("daemon")
+@click.pass_context
+def run(ctx: click.Context, daemon: str) -> None:
+    """Run one daemon in the foreground: `pom-ha run ha-probe --server pom1 --role NAME`."""
+    import importlib.util
+
+    module = "services." + daemon.replace("-", "_")
+    if importlib.util.find_spec(module) is None:
+        click.echo(f"error: unknown daemon {daemon!r}", err=True)
+        sys.exit(2)
+    os.execv(sys.executable, [sys.executable, "-m", module, *ctx.args])
+
+
+# ---- bench -------------------------------------------------------------------------------------------
+@main.group()
+def bench() -> None:
+    """Self-contained benchmarks; `--json` prints one JSON object on the last line."""
+
+
+@bench.command("infra-up")
+@click.option("--json", "as_json", is_flag=True)
+@topology_option
+def bench_infra_up(as_json: bool, topology_path: str | None) -> None:
+    """Time from nothing to every server ready, and peak RSS per server kind."""
+    from pom_ha.bench.infra_up import run_bench
+
+    result = _run(run_bench(_topology(topology_path), echo=click.echo))
+    click.echo(json.dumps(result) if as_json else _table(
+        ["KIND", "PEAK RSS MB"], [[k, f"{v:.0f}"] for k, v in result["rss_mb"].items()]
+    ) + f"\nready in {result['seconds']:.1f} s, total peak RSS {result['total_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
