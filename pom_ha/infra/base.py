@@ -30,7 +30,12 @@ from pom_ha.infra.process import (
 )
 
 TEMPLATES = REPO_ROOT / "config" / "templates"
-JVM_LIBS = Path(os.environ.get("POM_JVM_DIR", REPO_ROOT / ".jvm"))
+JVM_LIBS = REPO_ROOT / ".jvm"
+
+
+def jvm_libs() -> Path:
+    """Folder of the Maven-fetched server jars (``POM_JVM_DIR`` overrides ``<repo>/.jvm``)."""
+    return Path(os.environ.get("POM_JVM_DIR") or JVM_LIBS)
 
 # Java 17 module openings Ignite and ActiveMQ need (Ignite's jvmdefaults.sh list, a superset for ActiveMQ).
 JAVA17_OPENS = [
@@ -112,7 +117,7 @@ def java_bin() -> str:
 
 
 def jvm_classpath(group: str) -> str:
-    d = JVM_LIBS / group
+    d = jvm_libs() / group
     jars = sorted(d.glob("*.jar"))
     if not jars:
         raise InfraError(f"no jars in {d}: run scripts/install to fetch the {group} server from Maven Central")

@@ -49,8 +49,17 @@ def _is_zombie(pid: int) -> bool:
 
 
 def pid_matches(pid: int, marker: str) -> bool:
-    """True when ``pid`` is a live process whose command line contains ``marker``."""
-    return pid > 0 and not _is_zombie(pid) and marker in _cmdline(pid)
+    """True when ``pid`` is a live process whose command line contains ``marker``.
+
+    For a process this interpreter started, its ``Popen`` is the authority: ``/proc/<pid>/cmdline``
+    reads empty for a moment while setpriv execs the real server.
+    """
+    if pid <= 0:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        return child.poll() is None
+    return not _is_zombie(pid) and marker in _cmdline(pid)
 
 
 def start_process(
