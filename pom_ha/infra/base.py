@@ -263,3 +263,7 @@ class Launcher(ABC):
         rec = self.record()
         if rec is not None:
             kill_process(rec)
+        # the main thread can be reaped before the kernel has closed every socket of the process
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and any(port_in_use(h, p) for h, p in self.listen_ports()):
+            time.sleep(0.05)

@@ -1,0 +1,138 @@
+"""Kafka broker of one POM server, in ZooKeeper mode (Kafka 3.9, the last line that has it).
+
+``broker.id`` is the server's 1-based position in the topology (its ZooKeeper ``myid`` too). Durability
+settings follow DESIGN §4: replication factor 3 (fewer when the lab has fewer brokers),
+``min.insync.replicas=2``, no unclean leader election; producers use acks=all and idempotence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from pom_ha.config import Topology
+from pom_ha.infra.base import Launcher, java_bin, jvm_classpath, render_template
+from pom_ha.infra.process import ProcessRecord
+from pom_ha.infra.zookeeper import jvm_server_opts, wait_exec_settled, zookeeper_connect
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin._metadata import ClusterMetadata
+
+#: how long one readiness probe waits for a metadata answer
+PROBE_TIMEOUT_S = 2.0
+
+
+def bootstrap_servers(topo: Topology) -> str:
+    """Comma list ``addr:port`` of every broker, for clients' ``bootstrap.servers``."""
+    return ",".join(f"{s.address}:{topo.ports.kafka}" for s in topo.servers_running("kafka"))
+
+
+def broker_ids(topo: Topology) -> set[int]:
+    """The ``broker.id`` of every broker of the topology."""
+    return {topo.server_index(s.name) for s in topo.servers_running("kafka")}
+
+
+def _fetch_metadata(bootstrap: str, timeout_s: float) -> ClusterMetadata | None:
+    admin = AdminClient(
+        {
+            "bootstrap.servers": bootstrap,
+            "socket.timeout.ms": int(timeout_s * 1000),
+            # a broker that is still starting refuses connections: that is an answer, not log noise
+            "log_level": 0,
+        },
+        error_cb=lambda _err: None,
+    )
+    try:
+        return admin.list_topics(timeout=timeout_s)
+    except KafkaException:
+        return None
+
+
+class KafkaLauncher(Launcher):
+    kind = "kafka"
+    # a JVM broker on a busy 2-core machine can take 20-40 s, and it needs every peer registered
+    start_timeout_s: ClassVar[float] = 120.0
+
+    @property
+    def broker_id(self) -> int:
+        return self.topo.server_index(self.server.name)
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.home / "conf"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def config_path(self) -> Path:
+        return self.conf_dir / "server.properties"
+
+    @property
+    def marker(self) -> str:
+        return str(self.config_path)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:{self.topo.ports.kafka}"
+
+    def listen_ports(self) -> list[tuple[str, int]]:
+        return [(self.address, self.topo.ports.kafka)]
+
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.home / "tmp").mkdir(exist_ok=True)
+        brokers = len(self.topo.servers_running("kafka"))
+        replication = min(3, brokers)
+        render_template(
+            "kafka-server.properties",
+            self.config_path,
+            broker_id=self.broker_id,
+            address=self.address,
+            port=self.topo.ports.kafka,
+            log_dirs=self.data_dir,
+            zookeeper_connect=zookeeper_connect(self.topo),
+            replication_factor=replication,
+            # a single-broker lab could never satisfy 2 in-sync replicas
+            min_insync=min(2, replication),
+        )
+        render_template("jvm-log4j.properties", self.conf_dir / "log4j.properties", root_level="INFO")
+
+    def start(self) -> ProcessRecord:
+        rec = super().start()
+        wait_exec_settled(rec)
+        return rec
+
+    def argv(self) -> list[str]:
+        return [
+            java_bin(),
+            *jvm_server_opts(self.home, self.conf_dir / "log4j.properties", 128, 384),
+            "-cp",
+            jvm_classpath("kafka"),
+            "kafka.Kafka",
+            str(self.config_path),
+        ]
+
+    async def metadata(self) -> ClusterMetadata | None:
+        """Cluster metadata through THIS broker, or None when it does not answer in time."""
+        # librdkafka may send list_topics to a peer it has learned of, but it can only have learned
+        # of peers from this broker's own metadata answer: any answer at all means this broker serves
+        return await asyncio.to_thread(_fetch_metadata, self.endpoint, PROBE_TIMEOUT_S)
+
+    async def probe(self) -> bool:
+        md = await self.metadata()
+        if md is None:
+            return False
+        listed = set(md.brokers)
+        return self.broker_id in listed and broker_ids(self.topo) <= listed
+
+    async def role(self) -> str:
+        md = await self.metadata()
+        if md is None or self.broker_id not in md.brokers:
+            return "not ready"
+        return "controller" if md.controller_id == self.broker_id else "broker"
