@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +17,23 @@ from pom_ha.infra.stack import Stack
 pytestmark = pytest.mark.integration
 
 
-def _stack(tmp_path: Path, block: int) -> Stack:
-    lab = tmp_path / "lab"
-    lab.mkdir()
-    lab.chmod(0o755)
-    tmp_path.chmod(0o755)
-    return Stack(isolated_topology(load_topology(DEFAULT_TOPOLOGY), block=block, lab_dir=str(lab)))
+@pytest.fixture
+def lab_dirs() -> Iterator[list[Path]]:
+    made: list[Path] = []
+    yield made
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
 
 
-async def test_port_already_taken_names_it_and_starts_nothing(tmp_path: Path) -> None:
-    stack = _stack(tmp_path, 50)
+def _stack(lab_dirs: list[Path], block: int) -> Stack:
+    # not under pytest's tmp_path: that is private to root, and the servers run under their own uids
+    stack = Stack(isolated_topology(load_topology(DEFAULT_TOPOLOGY), block=block))
+    lab_dirs.append(stack.topo.lab_dir())
+    return stack
+
+
+async def test_port_already_taken_names_it_and_starts_nothing(lab_dirs: list[Path]) -> None:
+    stack = _stack(lab_dirs, 50)
     pg = stack.topo.postgres
     with socket.socket() as s:
         s.bind((pg.address, pg.port))
@@ -35,9 +44,9 @@ async def test_port_already_taken_names_it_and_starts_nothing(tmp_path: Path) ->
 
 
 async def test_a_server_that_cannot_start_stops_everything_already_started(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, lab_dirs: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stack = _stack(tmp_path, 52)
+    stack = _stack(lab_dirs, 52)
     empty = tmp_path / "no-jars"
     (empty / "kafka").mkdir(parents=True)
     monkeypatch.setenv("POM_JVM_DIR", str(empty))
