@@ -67,6 +67,11 @@ class PortsSection(_Strict):
     ignite_thin_client: int = 10800
     activemq_openwire: int = 61616
     activemq_stomp: int = 61613
+    # pom-ha's own service ports (each daemon binds its POM server's address)
+    rule_engine: int = 7300
+    media_simulator: int = 7400
+    desktop: int = 7500
+    console: int = 8080
 
 
 class ServerSection(_Strict):
