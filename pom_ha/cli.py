@@ -167,5 +167,25 @@ def bench_infra_up(as_json: bool, topology_path: str | None) -> None:
     ) + f"\nready in {result['seconds']:.1f} s, total peak RSS {result['total_rss_mb']:.0f} MB")
 
 
+@bench.command("failover")
+@click.option("--mode", type=click.Choice(["kill", "stop", "graceful", "partition"]), default="kill")
+@click.option("--trials", type=click.IntRange(1, 200), default=20)
+@click.option("--json", "as_json", is_flag=True)
+@topology_option
+def bench_failover(mode: str, trials: int, as_json: bool, topology_path: str | None) -> None:
+    """Fault of the master -> the new master's first fenced write (ha-probe daemons, real PostgreSQL)."""
+    from pom_ha.bench.failover import run_bench as run_failover
+
+    r = _run(run_failover(_topology(topology_path), mode, trials, echo=click.echo))  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    click.echo(
+        f"mode {r['mode']}, {r['trials']} trials: p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, "
+        f"p99 {r['p99_ms']} ms, max {r['max_ms']} ms, overlapping masters {r['overlaps']}"
+    )
+    click.echo("vs POM (p99): " + ", ".join(f"{k} {v}x faster" for k, v in r["pom_ratio_p99"].items()))
+
+
 if __name__ == "__main__":
     main()

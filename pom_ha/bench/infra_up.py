@@ -18,7 +18,7 @@ def _tree_rss_mb(pid: int) -> float:
     try:
         proc = psutil.Process(pid)
         procs = [proc, *proc.children(recursive=True)]
-        return sum(p.memory_info().rss for p in procs) / 2**20
+        return float(sum(p.memory_info().rss for p in procs)) / 2**20
     except psutil.Error:
         return 0.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -31,13 +32,19 @@ def start_daemon(
         "--server", server, "--topology", str(topology_file), *args,
         f"--instance-tag={name}",
     ]
+    # a private HOME the server's uid owns: drivers look there for client certificates (asyncpg
+    # reads ~/.postgresql/), and root's home is not readable by the lab uids
+    home = lab / server / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    if as_server_uid:
+        os.chown(home, uid, uid)
     return start_process(
         name,
         argv,
         run_dir=lab / "run",
         log_path=lab / "logs" / f"{name}.log",
         marker=f"--instance-tag={name}",
-        env={"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"},
+        env={"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "HOME": str(home)},
         cwd=REPO_ROOT,
         user=(uid, uid) if as_server_uid else None,
     )
