@@ -20,11 +20,16 @@ from pom_ha.infra.stack import Stack
 
 @pytest.fixture(scope="session")
 async def stack() -> AsyncIterator[Stack]:
-    topo = isolated_topology(load_topology(), block=20)
+    """The session's servers. Two sessions at once need different blocks: ``POM_TEST_BLOCK`` (default 20;
+    even numbers, block+1 holds PostgreSQL). ``POM_TEST_SERVERS=postgres`` (comma list of kinds) starts only
+    those kinds for a quick development loop; the full suite starts everything."""
+    block = int(os.environ.get("POM_TEST_BLOCK", "20"))
+    only = [k for k in os.environ.get("POM_TEST_SERVERS", "").split(",") if k.strip()] or None
+    topo = isolated_topology(load_topology(), block=block)
     s = Stack(topo)
     lab = topo.lab_dir()
     try:
-        await s.up()
+        await s.up(only=only)
         s.topology_file = dump_topology(topo, lab / "topology.toml")  # type: ignore[attr-defined]
         os.environ["POM_TEST_PG_DSN"] = topo.postgres.dsn()
         yield s

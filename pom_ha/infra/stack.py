@@ -95,29 +95,40 @@ class Stack:
             launcher.start()
         await asyncio.gather(*(launcher.wait_ready() for launcher in group))
 
-    async def up(self, progress: Callable[[str], None] = lambda _m: None) -> float:
-        """Start every server and wait until each is ready; returns the seconds it took."""
+    async def up(self, progress: Callable[[str], None] = lambda _m: None,
+                 only: Iterable[str] | None = None) -> float:
+        """Start every server (or only the kinds in ``only``; PostgreSQL always) and wait until each is
+        ready; returns the seconds it took."""
         t0 = time.monotonic()
         self.check_ports()
+        kinds = None if only is None else set(only)
+
+        def wanted(kind: str) -> bool:
+            return kinds is None or kind in kinds
+
         try:
 
             async def pg_then_activemq() -> None:
                 await self._start_group([self.postgres])
                 applied = await self.postgres.bootstrap()
                 progress(f"postgres ready ({len(applied)} migrations applied)")
-                await self._start_activemq()
-                if self.launchers("activemq"):
-                    progress("activemq ready (one master, one slave)")
+                if wanted("activemq"):
+                    await self._start_activemq()
+                    if self.launchers("activemq"):
+                        progress("activemq ready (one master, one slave)")
 
             async def zk_then_kafka() -> None:
-                await self._start_group(self.launchers("zookeeper"))
-                progress("zookeeper quorum ready")
-                await self._start_group(self.launchers("kafka"))
-                progress("kafka brokers ready")
+                if wanted("zookeeper") or wanted("kafka"):
+                    await self._start_group(self.launchers("zookeeper"))
+                    progress("zookeeper quorum ready")
+                if wanted("kafka"):
+                    await self._start_group(self.launchers("kafka"))
+                    progress("kafka brokers ready")
 
             async def ignite() -> None:
-                await self._start_group(self.launchers("ignite"))
-                progress("ignite cluster ready")
+                if wanted("ignite"):
+                    await self._start_group(self.launchers("ignite"))
+                    progress("ignite cluster ready")
 
             await _gather_all(pg_then_activemq(), zk_then_kafka(), ignite())
         except BaseException:

@@ -196,3 +196,25 @@ async def test_zone_roles_spread_over_servers(db: asyncpg.Connection, probes: Ca
         await wait_first_write(db, "t_zones", h.epoch, scope=z)
     assert await overlapping_writes(db, ["t_zones"]) == 0
     assert len({h.server for h in holders.values()}) >= 2, holders
+
+
+async def test_postgres_unreachable_at_start_retries_and_never_claims(
+    stack: Stack, db: asyncpg.Connection, topology_file: Path
+) -> None:
+    cluster = ProbeCluster(stack.topo, topology_file, "t_db_down_start", ["pom1"])
+    try:
+        with Firewall() as fw:
+            fw.drop_from_uid(_uid(stack, "pom1"), stack.topo.postgres.address)
+            cluster.start_all()
+            for _ in range(200):  # 20 s deadline
+                if "unreachable" in cluster.log("pom1"):
+                    break
+                await asyncio.sleep(0.1)
+            assert "unreachable" in cluster.log("pom1"), cluster.log("pom1")[-2000:]
+            assert cluster.procs["pom1"].alive(), "the daemon gave up instead of retrying"
+            assert await current_holder(db, "t_db_down_start") is None
+        holder = await wait_holder(db, "t_db_down_start", timeout_s=20)
+        assert holder.server == "pom1"
+        await wait_first_write(db, "t_db_down_start", holder.epoch)
+    finally:
+        cluster.stop_all()
