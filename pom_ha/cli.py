@@ -133,6 +133,39 @@ def db_migrate(topology_path: str | None) -> None:
     click.echo(f"applied migrations {applied}" if applied else "schema up to date")
 
 
+# ---- status ------------------------------------------------------------------------------------------
+@main.command("status")
+@click.option("--stale-after", "stale_after_s", type=click.FloatRange(0.5, 3600), default=5.0, show_default=True,
+              help="seconds without a refresh after which a member is shown as GONE?")
+@click.option("--json", "as_json", is_flag=True)
+@topology_option
+def status(stale_after_s: float, as_json: bool, topology_path: str | None) -> None:
+    """The component table: one row per component, one column per server (MASTER (zones) / DORMANT /
+    RUNNING / STOPPED), read from the ha_member status rows."""
+    import asyncpg
+
+    from pom_ha.status import read_table
+
+    topo = _topology(topology_path)
+
+    async def go() -> Any:
+        try:
+            return await read_table(topo.postgres.dsn(), [s.name for s in topo.servers])
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise InfraError(
+                f"cannot read the status rows from PostgreSQL at {topo.postgres.address}:{topo.postgres.port}: "
+                f"{exc.__class__.__name__}"
+            ) from None
+
+    table = _run(go())
+    if as_json:
+        click.echo(json.dumps(table.as_json(stale_after_s)))
+    elif not table.rows:
+        click.echo("no component has registered yet (no ha_member rows)")
+    else:
+        click.echo(_table(table.header(), table.lines(stale_after_s)))
+
+
 # ---- run ---------------------------------------------------------------------------------------------
 @main.command("run", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("daemon")

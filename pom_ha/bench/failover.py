@@ -67,7 +67,7 @@ async def _trial(
         cluster.send(old.server, signal.SIGSTOP)
     firewall = None
     if mode == "partition":
-        firewall = Firewall()
+        firewall = Firewall(chain="POMHA-BENCH")  # its own chain: a test session may use the default one
         firewall.install()
         firewall.drop_from_uid(topo.server_uid(old.server), topo.postgres.address)
     try:

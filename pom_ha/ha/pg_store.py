@@ -11,6 +11,7 @@ a dedicated LISTEN connection (:mod:`pom_ha.ha.pg_listen`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -143,6 +144,11 @@ class PgStatusStore(StatusStore):
                 application_name=f"{self._app}-listen",
             )
             self.listener.start()
+            # give LISTEN a moment so changes right after start are not missed; a database that is down
+            # is not waited for (the listener keeps retrying and announces "*" when it connects)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._timings.store_timeout_s):
+                    await self.listener.connected.wait()
 
     async def close(self) -> None:
         self._closed = True

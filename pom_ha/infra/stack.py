@@ -128,13 +128,30 @@ class Stack:
             async def ignite() -> None:
                 if wanted("ignite"):
                     await self._start_group(self.launchers("ignite"))
-                    progress("ignite cluster ready")
+                    await self._wait_ignite_joined()
+                    progress("ignite cluster ready (every node in one topology)")
 
             await _gather_all(pg_then_activemq(), zk_then_kafka(), ignite())
         except BaseException:
             await self.down()
             raise
         return time.monotonic() - t0
+
+    async def _wait_ignite_joined(self, timeout_s: float = 90.0) -> None:
+        """Every Ignite node sees every other one: a node that formed a cluster of its own (a slow join on a
+        loaded machine) is caught here, not later as a cache that is not replicated where it should be."""
+        nodes = self.launchers("ignite")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = {n.name: n.topology_servers() for n in nodes}  # type: ignore[attr-defined]
+            if all(count == len(nodes) for count in seen.values()):
+                return
+            if time.monotonic() > deadline:
+                raise InfraError(
+                    f"ignite nodes did not form one cluster of {len(nodes)} within {timeout_s:.0f} s: "
+                    + ", ".join(f"{name} sees {count}" for name, count in seen.items())
+                )
+            await asyncio.sleep(0.2)
 
     async def _start_activemq(self) -> None:
         brokers = self.launchers("activemq")

@@ -8,10 +8,14 @@ epoch would mean two masters acted at once — there must be none.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -218,3 +222,34 @@ async def test_postgres_unreachable_at_start_retries_and_never_claims(
         await wait_first_write(db, "t_db_down_start", holder.epoch)
     finally:
         cluster.stop_all()
+
+
+def _status_json(topology_file: Path, *extra: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "pom_ha.cli", "status", "--topology", str(topology_file), "--json", *extra],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    doc: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return doc
+
+
+async def test_status_table_shows_masters_zones_and_a_killed_member(
+    db: asyncpg.Connection, topology_file: Path, probes: Callable[..., ProbeCluster]
+) -> None:
+    cluster = probes("t_status", zones=["ZA", "ZB"])
+    holders = {z: await wait_holder(db, "t_status", z) for z in ("ZA", "ZB")}
+    doc = _status_json(topology_file)
+    cells = doc["components"]["t_status"]
+    assert doc["servers"][:3] == SERVERS
+    shown = {z for c in cells.values() if c["state"] == "MASTER" for z in c["scopes"]}
+    assert shown == {"ZA", "ZB"}
+    for z, h in holders.items():
+        assert z in cells[h.server]["scopes"]
+    victim = holders["ZA"].server
+    cluster.kill(victim)
+    for _ in range(100):  # 10 s deadline
+        cell = _status_json(topology_file, "--stale-after", "1")["components"]["t_status"][victim]
+        if cell["stale"]:
+            break
+        await asyncio.sleep(0.1)
+    assert cell["stale"] and cell["state"] == "MASTER", cell
