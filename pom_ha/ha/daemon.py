@@ -283,7 +283,12 @@ class HADaemon:
                 elector.wake()
 
     def _epoch_of(self, service: str) -> int:
-        return max((e.epoch or 0 for e in self.electors if e.service == service and e.is_master), default=0)
+        # the epoch of a live term (not ``is_master``, which is briefly False while a renewal is pending):
+        # peers read 0 as "its term ended" (HeartbeatNode.stepped_down), so 0 must never hide a live term
+        return max(
+            (e.term.epoch for e in self.electors if e.service == service and e.term is not None and e.term.active),
+            default=0,
+        )
 
     def _on_rtt(self, peer: str, rtt_s: float) -> None:
         self.metrics.heartbeat_rtt.labels(peer).observe(rtt_s)

@@ -58,6 +58,10 @@ class PeerView(Protocol):
         """Dormant side: that instance was seen and is gone now (closed, silent, or GOODBYE)."""
         ...
 
+    def stepped_down(self, instance: str) -> bool:
+        """Dormant side: that instance is alive and says it is master of nothing (it ended its term)."""
+        ...
+
     def confirmed_until(self) -> float:
         """Master side: monotonic time until which no peer can have called us gone (inf: no peers)."""
         ...
@@ -68,6 +72,9 @@ class NoHeartbeats:
     take a lease early, so a master's exclusivity lasts until its TTL deadline."""
 
     def failure_corroborated(self, instance: str) -> bool:
+        return False
+
+    def stepped_down(self, instance: str) -> bool:
         return False
 
     def confirmed_until(self) -> float:
@@ -317,15 +324,18 @@ class Elector:
             self._free_since = None
             master = cur.holder_server or "?"
             stopped_ms = cur.renewals_stopped_ms()
-            gone = self.peers.failure_corroborated(cur.holder_instance or "")
-            if gone and stopped_ms >= self.timings.takeover_stale_ms:
+            holder = cur.holder_instance or ""
+            gone = self.peers.failure_corroborated(holder)
+            stepped_down = not gone and self.peers.stepped_down(holder)
+            if (gone or stepped_down) and stopped_ms >= self.timings.takeover_stale_ms:
                 sent = self._clock()
                 won = await self.store.try_take_over(
                     cur, self.holder, self.timings.takeover_stale_ms, timeout_s=store_timeout
                 )
                 if won is None:
                     return f"no action: dormant, early takeover refused, master {master} renewed in time"
-                return self._promote(won, sent, cur, took_over=True)
+                why = "gone" if gone else "stepped down (cut from the status store?)"
+                return self._promote(won, sent, cur, took_over=True, why=why)
             if gone:
                 self._next_delay_s = min(
                     self.timings.renew_interval_s, max(0.0, (self.timings.takeover_stale_ms - stopped_ms) / 1000)
@@ -350,7 +360,8 @@ class Elector:
         return max(0.0, self._free_since + held * self._spread.step_s - now)
 
     # ---- transitions --------------------------------------------------------------------------------------
-    def _promote(self, won: Lease, sent: float, prev: Lease | None, *, took_over: bool) -> str:
+    def _promote(self, won: Lease, sent: float, prev: Lease | None, *, took_over: bool,
+                 why: str = "gone") -> str:
         now = self._clock()
         lease = won.with_deadline(sent, self.timings.valid_for_s, self.timings.exclusive_for_s)
         assert lease.valid_until_mono is not None
@@ -374,7 +385,7 @@ class Elector:
                 detail["gap_ms"] = _ms((won.acquired_at - prev.renewed_at).total_seconds())
         if took_over and prev is not None:
             stopped = prev.renewals_stopped_ms() / 1000
-            decision = (f"took over {self.role.label}: master {prev.holder_server} gone, "
+            decision = (f"took over {self.role.label}: master {prev.holder_server} {why}, "
                         f"renewals stopped {stopped:.1f} s (epoch {won.epoch})")
             self._event("took_over", decision, detail)
         else:

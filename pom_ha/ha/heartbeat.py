@@ -49,6 +49,8 @@ class PeerState:
     server: str = ""
     endpoint: str | None = None
     epoch: int = 0
+    #: the sender's ``t`` of the frame ``epoch`` came from: frames of two connections may cross, the newest wins
+    epoch_t: int = -1
     alive_since: float | None = None
     last_frame_at: float | None = None
     said_goodbye: bool = False
@@ -189,6 +191,19 @@ class HeartbeatNode:
         state = self.peers.get(instance)
         return state is not None and state.ever_seen and state.gone(self._clock(), self.timings.heartbeat_dead_after_s)
 
+    def stepped_down(self, instance: str) -> bool:
+        """The peer is alive and its newest frame says it is master of nothing in this service (epoch 0).
+
+        A master only sends epoch 0 after its term ended (demotion, or self-demotion when it could not renew),
+        so a dormant may count this as a corroborated failure of that master's lease: the take-over is still
+        the store's CAS on renewals stopped for ``takeover_stale_renewals`` intervals.
+        """
+        state = self.peers.get(instance)
+        return (
+            state is not None and state.ever_seen and state.epoch_t >= 0 and state.epoch == 0
+            and not state.gone(self._clock(), self.timings.heartbeat_dead_after_s)
+        )
+
     def confirmed_until(self) -> float:
         """Monotonic time until which no peer can have called this node gone by silence.
 
@@ -255,7 +270,11 @@ class HeartbeatNode:
         ):
             state.alive_since = now
         state.last_frame_at = now
-        state.epoch = frame.epoch
+        if frame.t >= state.epoch_t:
+            was = state.epoch
+            state.epoch, state.epoch_t = frame.epoch, frame.t
+            if was and not frame.epoch:
+                self._changed(state.instance)  # it stepped down: dormants look at once
 
     async def _read_loop(self, conn: _Connection) -> None:
         while True:

@@ -251,3 +251,33 @@ async def test_heartbeats_over_tls(tmp_path: Path) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_master_that_ends_its_term_is_seen_stepping_down() -> None:
+    epoch = {"value": 7}
+    changes: list[str] = []
+    a = make_node("pom1", on_change=changes.append)
+    b = make_node("pom2", epoch=lambda: epoch["value"])
+    for node in (a, b):
+        await node.start()
+    try:
+        assert a.endpoint and b.endpoint
+        a.set_peers({b.instance: (b.server_name, b.endpoint)})
+        b.set_peers({a.instance: (a.server_name, a.endpoint)})
+        await poll_until(lambda: (s := a.peer(b.instance)) is not None and s.epoch == 7)
+        assert not a.stepped_down(b.instance), "a master reporting its epoch has not stepped down"
+        changes.clear()
+        epoch["value"] = 0  # b's term ended
+        await poll_until(lambda: a.stepped_down(b.instance))
+        assert b.instance in changes, "stepping down wakes the dormants at once"
+        state = a.peer(b.instance)
+        assert state is not None
+        # a frame that left earlier (older sender time) arriving late does not bring the old epoch back
+        a._seen(Frame("PONG", b.server_name, b.instance, "svc", 7, 1, state.epoch_t - 1))
+        assert a.stepped_down(b.instance)
+        await b.goodbye()
+        await poll_until(lambda: a.peer_gone(b.instance))
+        assert not a.stepped_down(b.instance), "a departed peer is a failure, not a step-down"
+    finally:
+        await a.close()
+        await b.close()

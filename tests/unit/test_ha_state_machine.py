@@ -148,6 +148,10 @@ class Node:
         self.machine.touch_contacts()
         self.paused = False
 
+    def has_live_term(self) -> bool:
+        """What its heartbeats report: the epoch of a live term, or 0 (HADaemon._epoch_of)."""
+        return any(t.active for t in self.terms)
+
     def crash(self) -> None:
         self.machine.touch_contacts()
         self.crashed = True
@@ -183,6 +187,17 @@ class SimPeers:
                 return silent >= TIMINGS.heartbeat_dead_after_s
         return True  # that process is gone (its node restarted with a new instance)
 
+    def stepped_down(self, instance: str) -> bool:
+        """Alive and heard, and master of nothing: as of now while in contact, else as of the last contact."""
+        for node in self.machine.nodes:
+            if node.elector.holder.instance == instance:
+                if node.crashed:
+                    return False
+                if self.machine.in_contact(self.me, node):
+                    return not node.has_live_term()
+                return self.machine.last_master_flag.get((self.me.index, node.index)) is False
+        return False
+
     def confirmed_until(self) -> float:
         others = [n for n in self.machine.nodes if n is not self.me]
         last = min((self.machine.contact(self.me, n) for n in others), default=float("inf"))
@@ -197,6 +212,8 @@ class HAMachine(RuleBasedStateMachine):
         self.store = FakeStatusStore(TIMINGS.lease_ttl_ms, self.clock)
         self.hb_cuts: set[frozenset[int]] = set()
         self.last_contact: dict[frozenset[int], float] = {}
+        #: (observer, peer) -> whether the peer was master the last time the observer heard it
+        self.last_master_flag: dict[tuple[int, int], bool] = {}
         self.nodes: list[Node] = []
         self.max_store_epoch = 0
         self.steps_since_settle = 0
@@ -217,6 +234,8 @@ class HAMachine(RuleBasedStateMachine):
             for b in self.nodes:
                 if a.index < b.index and self.in_contact(a, b):
                     self.last_contact[frozenset((a.index, b.index))] = self.clock()
+                if a is not b and self.in_contact(a, b):
+                    self.last_master_flag[(a.index, b.index)] = b.has_live_term()
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         result = self.loop.run_until_complete(coro)
