@@ -1,0 +1,74 @@
+"""``python -m services.campaign_manager --server pom1 [--topology FILE] [--media HOST:PORT ...]
+[--http-port N] [--instance-tag T]`` (also ``pom-ha run campaign-manager ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from pom_ha.config import ConfigError, Topology, load_topology
+from pom_ha.ha.daemon import DaemonConfig
+from pom_ha.ha.logsetup import configure_logging
+from pom_ha.ha.roles import PoolMember
+from pom_ha.ha.settings import load_timings
+from pom_ha.media.client import Address
+from services.campaign_manager.daemon import SERVICE, CampaignManagerDaemon, CMOptions
+from services.campaign_manager.job_runner import RunnerOptions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="campaign-manager", description=__doc__)
+    p.add_argument("--server", required=True, help="POM server name from the topology (pom1)")
+    p.add_argument("--topology", default=None, help="topology file (default config/lab.toml or POM_TOPOLOGY)")
+    p.add_argument("--media", action="append", default=[], metavar="HOST:PORT",
+                   help="media platform address, in order of preference (repeatable; default: every server of "
+                        "the topology at ports.media_simulator)")
+    p.add_argument("--http-port", type=int, default=0, help="/health and /metrics port (0 = ephemeral)")
+    p.add_argument("--reconcile-interval-s", type=float, default=5.0,
+                   help="re-read the job assignments this often even without a NOTIFY")
+    p.add_argument("--attempt-timeout-s", type=float, default=600.0,
+                   help="an attempt without an outcome this long is recorded as a network failure")
+    p.add_argument("--re-timeout-s", type=float, default=1.0,
+                   help="a Rule Engine evaluation not answered within this pauses dialing")
+    p.add_argument("--instance-tag", default=None, help="free-form tag (the lab uses it to find the process)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def media_addresses(topo: Topology, raw: list[str]) -> list[Address]:
+    if not raw:
+        return [(s.address, topo.ports.media_simulator) for s in topo.servers]
+    out: list[Address] = []
+    for item in raw:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"--media {item!r}: expected HOST:PORT")
+        out.append((host, int(port)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        topo = load_topology(args.topology)
+        server = topo.server(args.server)
+        timings = load_timings()
+        media = media_addresses(topo, args.media)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = DaemonConfig(
+        server=server.name, address=server.address, dsn=topo.postgres.dsn(), roles=(PoolMember(SERVICE),),
+        timings=timings, http_port=args.http_port, instance_tag=args.instance_tag,
+    )
+    options = CMOptions(
+        reconcile_interval_s=args.reconcile_interval_s,
+        runner=RunnerOptions(re_timeout_s=args.re_timeout_s, attempt_timeout_s=args.attempt_timeout_s),
+    )
+    return asyncio.run(CampaignManagerDaemon(config, topology=topo, media=media, options=options).main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""One job on one Campaign Manager, under one assignment epoch: its states, its dial loop, its outcomes.
+
+    (takeover) resolve the previous owner's in-flight attempts as CALL_FAILOVER
+    Queued -> Filter in Progress (job_contacts from the list, fenced) -> Running (dial loop)
+    Running: paced; each due contact is judged by the Rule Engine; allowed ones get their attempt row and
+             their contact 'dialing' in ONE fenced transaction, then the DIAL leaves
+    Paused: dials nothing (outcomes are still recorded)
+    Stopping: dials nothing new; when no attempt of the job is in flight, the job takes its ``ending``
+
+A runner stops when its job ends, when its fence fails (the job moved: :class:`FenceLost`), or when the
+daemon cancels it. While no Rule Engine master answers, dialing pauses and resumes when one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pom_ha.clients.rule_engine import RuleEngineClient, RuleEngineRefused, RuleEngineUnavailable, Verdict
+from pom_ha.domain.attempts import CompletionCode, ContactHistory
+from pom_ha.domain.campaigns import CampaignDefinition, InvalidCampaign, validate_campaign
+from pom_ha.domain.stats import JobStats
+from pom_ha.domain.strategy import RetryStrategy
+from pom_ha.media.client import MediaClient, MediaUnavailable
+from pom_ha.media.protocol import Accepted, Dial, Outcome
+from services.campaign_manager.completions import (
+    DB_ERRORS,
+    Completion,
+    CompletionWriter,
+    InFlight,
+    resolve_in_flight,
+)
+from services.campaign_manager.decisions import (
+    ContactUpdate,
+    attempt_id,
+    media_scope,
+    platform_code,
+    refused_dial_retry,
+    verdict_update,
+)
+from services.campaign_manager.job_store import DueContact, FenceLost, JobStore, NewAttempt, WriteConflict
+from services.campaign_manager.metrics import CMMetrics
+
+TERMINAL = ("Completed", "Stopped")
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    state_poll_s: float = 0.25  # how often a running job's state is re-read (pause/stop by the Director)
+    progress_poll_s: float = 1.0  # how often the job's contact counts are re-read
+    re_timeout_s: float = 1.0  # one Rule Engine evaluation; past it dialing pauses
+    attempt_timeout_s: float = 600.0  # an attempt without outcome this long is recorded NETWORK_FAILURE
+    max_batch: int = 200
+    sweep_s: float = 5.0  # how often attempts written but never dialed (commit not confirmed) are looked for
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, *, rule_engine: RuleEngineClient, media: MediaClient, metrics: CMMetrics,
+                 log: Any, options: RunnerOptions | None = None) -> None:
+        self.store = store
+        self.job_id = store.job_id
+        self.epoch = store.fence.epoch
+        self.re = rule_engine
+        self.media = media
+        self.metrics = metrics
+        self.opts = options or RunnerOptions()
+        self.log = log.bind(job=self.job_id, assignment_epoch=self.epoch)
+        self.state = "?"
+        self.in_flight = InFlight()
+        self.writer: CompletionWriter | None = None
+        self._lost = asyncio.Event()
+        self._crashed: BaseException | None = None
+        self._re_paused = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._list_id = 0
+        self._refilter = True  # a running job found at takeover goes through Filter in Progress first
+        self._media_wait_until = 0.0
+        self._media_lost = False
+
+    @property
+    def active(self) -> bool:
+        return self.state not in TERMINAL
+
+    # ---- entry points ------------------------------------------------------------------------------------
+    def offer(self, outcome: Outcome) -> None:
+        """An outcome of this job under this epoch (the daemon checked both)."""
+        if self.writer is None:
+            return
+        code = platform_code(outcome.code, self.writer.custom)
+        self.writer.offer(Completion(outcome.contact, outcome.attempt_no, code, outcome.duration_ms))
+
+    async def run(self) -> str:
+        """Run the job until it ends or is no longer ours; returns why it stopped."""
+        try:
+            return await self._run()
+        except FenceLost as exc:
+            self.metrics.fence_lost.inc()
+            self.log.info("job no longer ours, runner stops", reason=str(exc))
+            return "fence lost"
+        finally:
+            if self._re_paused:
+                self.metrics.dialing_paused.dec()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self) -> str:
+        delay = 0.05
+        while True:
+            try:
+                return await self._lifecycle()
+            except (WriteConflict, *DB_ERRORS) as exc:
+                self.log.warning("job runner step failed, retrying", error=f"{type(exc).__name__}: {exc}",
+                                 retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, FenceLost):
+            self._lost.set()
+        elif exc is not None:
+            self.log.error("job runner task crashed", task=task.get_name(), exc_info=exc)
+            self._crashed = exc
+
+    def _check(self) -> None:
+        if self._lost.is_set():
+            raise FenceLost(f"job {self.job_id}: assignment epoch {self.epoch} no longer ours")
+        if self._crashed is not None:  # the daemon logs it and starts the job's runner again
+            raise RuntimeError(f"job {self.job_id}: a task of the runner crashed") from self._crashed
+
+    # ---- states ------------------------------------------------------------------------------------------
+    async def _lifecycle(self) -> str:
+        info = await self.store.job()
+        if info is None:
+            return "job deleted"
+        self._list_id = info.list_id
+        definition: CampaignDefinition | None = None
+        try:
+            definition = validate_campaign(info.definition)
+        except (InvalidCampaign, TypeError, ValueError) as exc:
+            self.log.error("campaign definition invalid, the job is stopped", error=str(exc))
+        if self.writer is None:
+            if definition is None:  # in-flight attempts are still resolved, with the default strategy
+                await self._take_over(RetryStrategy(), [])
+            else:
+                await self._take_over(definition.retry_strategy(), definition.custom_completion_codes())
+        while True:
+            self._check()
+            current = await self.store.state()
+            if current is None:
+                return "job deleted"
+            self.state, ending = current
+            if self._refilter and self.state == "Running":
+                # the taker's view of the contacts is rebuilt before it dials (JobEvent.TAKEOVER)
+                await self.store.set_state("Running", "Filter in Progress", reason="taken over, filtering again")
+                self._refilter = False
+                continue
+            self._refilter = self._refilter and self.state in ("Queued", "Paused")
+            if definition is None and self.state in ("Queued", "Filter in Progress", "Running", "Paused"):
+                await self.store.set_state(self.state, "Stopping", ending="Stopped",
+                                           reason="invalid campaign definition")
+            elif self.state == "Queued":
+                await self.store.set_state("Queued", "Filter in Progress", reason="campaign manager filtering")
+            elif self.state == "Filter in Progress":
+                added = await self.store.filter_contacts(info.list_id)
+                await self.store.set_state("Filter in Progress", "Running", reason="filtered")
+                self.log.info("contacts filtered, job running", added=added)
+            elif self.state == "Running" and definition is not None:
+                await self._dial(definition)
+            elif self.state == "Paused":
+                await self._wait_while("Paused")
+            elif self.state == "Stopping":
+                await self._settle(ending or "Stopped")
+            else:
+                self.log.info("job ended", state=self.state)
+                return self.state
+
+    async def _take_over(self, strategy: RetryStrategy, custom: list[CompletionCode]) -> None:
+        writer = CompletionWriter(self.store, strategy, custom, self.metrics, self.log, max_batch=self.opts.max_batch,
+                                  on_done=self.in_flight.done)
+        resolved = await resolve_in_flight(self.store, writer.strategy, writer.custom)
+        self.writer = writer
+        self._spawn(writer.run(), f"job-{self.job_id}-outcomes")
+        self._spawn(self._watch_overdue(), f"job-{self.job_id}-overdue")
+        self._spawn(self._claim([r[2] for r in resolved if r[2]]), f"job-{self.job_id}-claim")
+        if resolved:
+            self.metrics.failover_resolved.inc(len(resolved))
+            self.metrics.count("failover_resolved", len(resolved))
+            owners = sorted({f"{r[3]}@{r[4]}" for r in resolved})
+            self.log.info("took over job: in-flight attempts resolved as CALL_FAILOVER", count=len(resolved),
+                          previous=owners)
+
+    async def _claim(self, old_calls: list[str]) -> None:
+        """Make the platform report this job's calls here (held outcomes of older epochs arrive and are
+        dropped as stale), and end calls of the resolved attempts that may still be ringing."""
+        try:
+            claimed = await self.media.claim(media_scope(self.job_id), self.epoch)
+            for call in old_calls:
+                await self.media.cancel(call)
+        except MediaUnavailable as exc:
+            self.log.info("media scope not claimed", error=str(exc))
+            return
+        self.log.info("media scope claimed", granted=claimed.granted, delivered=claimed.delivered,
+                      in_progress=claimed.in_progress, cancelled=len(old_calls))
+
+    async def _wait_while(self, state: str) -> None:
+        while True:
+            self._check()
+            await asyncio.sleep(self.opts.state_poll_s)
+            current = await self.store.state()
+            if current is None or current[0] != state:
+                return
+
+    async def _settle(self, ending: str) -> None:
+        """Stopping: nothing new is dialed; once no attempt is in flight, the job takes its ending."""
+        next_sweep = 0.0
+        while True:
+            self._check()
+            if time.monotonic() >= next_sweep:
+                await self._sweep()
+                next_sweep = time.monotonic() + self.opts.sweep_s
+            current = await self.store.state()
+            if current is None or current[0] != "Stopping":
+                return
+            assert self.writer is not None
+            if self.writer.idle and await self.store.in_flight_count() == 0:
+                if await self.store.set_state("Stopping", ending, ending=ending):
+                    self.log.info("job settled", ending=ending)
+                return
+            await asyncio.sleep(0.05)
+
+    # ---- dialing -----------------------------------------------------------------------------------------
+    async def _dial(self, definition: CampaignDefinition) -> None:
+        pacer = definition.pacer()
+        tick = min(0.1, max(0.01, pacer.burst / pacer.rate / 2))
+        stats = JobStats()
+        next_state = next_progress = next_sweep = 0.0
+        while True:
+            self._check()
+            now = time.monotonic()
+            if now >= next_sweep:
+                await self._sweep()
+                next_sweep = now + self.opts.sweep_s
+            if now >= next_state:
+                current = await self.store.state()
+                if current is None or current[0] != "Running":
+                    return
+                next_state = now + self.opts.state_poll_s
+            if now >= next_progress:
+                progress = await self.store.progress()
+                stats = JobStats(progress.total, progress.finished)
+                if progress.pending == 0 and progress.dialing == 0 and self.writer is not None and self.writer.idle:
+                    if await self.store.set_state("Running", "Stopping", ending="Completed",
+                                                  reason="all contacts done"):
+                        self.log.info("all contacts done, job stopping", contacts=progress.total)
+                    return
+                quiet = progress.pending == 0
+                next_progress = now + (self.opts.state_poll_s if quiet else self.opts.progress_poll_s)
+            if not await self._media_ready(now):
+                await asyncio.sleep(tick)
+                continue
+            grant = pacer.permits(now, len(self.in_flight), stats)
+            if grant:
+                due = await self.store.due(self._list_id, min(grant, self.opts.max_batch))
+                pacer.refund(grant - len(due))
+                if due:
+                    pacer.refund(await self._place(due))
+            await asyncio.sleep(max(0.0, now + tick - time.monotonic()))  # a slow batch eats into its tick
+
+    async def _sweep(self) -> None:
+        """Attempts written dialing under our epoch that this runner does not know (the commit of
+        ``start_attempts`` failed to confirm, so their DIALs never left): send their DIALs now, with the
+        same attempt ids — the platform refuses a second call for an id it already placed. Runs in the
+        lifecycle task only, never while a placement is between its commit and its DIALs."""
+        self.in_flight.ended_since_sweep.clear()
+        ours = await self.store.ours_dialing()
+        unknown = set(self.in_flight.unknown([(a.contact_id, a.attempt_no) for a in ours]))
+        for a in ours:
+            if (a.contact_id, a.attempt_no) in unknown:
+                self.log.warning("attempt written but its DIAL not sent: sending it", call=a.call_id)
+                self.in_flight.add(a.contact_id, a.attempt_no)
+                self._spawn(self._send(a), f"dial-{a.call_id}")
+
+    async def _media_ready(self, now: float) -> bool:
+        """No new attempts while no media platform is connected or it just refused a DIAL as down: they
+        would only pile up unsent (or be recorded CANCELLED one by one)."""
+        if now < self._media_wait_until:
+            return False
+        try:
+            await self.media.wait_connected(self.opts.state_poll_s)
+        except MediaUnavailable:
+            if not self._media_lost:
+                self.log.warning("dialing waits: no media platform connected")
+            self._media_lost = True
+            return False
+        if self._media_lost:
+            self.log.info("media platform connected again, dialing goes on")
+            self._media_lost = False
+        return True
+
+    async def _place(self, listed: list[DueContact]) -> int:
+        """Judge ``listed`` with the Rule Engine and dial the allowed; returns how many were not dialed."""
+        refusals: list[ContactUpdate] = [ContactUpdate(d.contact_id, "filtered_out", reason="removed from the list")
+                                         for d in listed if d.phone is None]
+        due = [d for d in listed if d.phone is not None]
+        verdicts = await asyncio.gather(*(self._judge(d) for d in due), return_exceptions=True)
+        if any(isinstance(v, RuleEngineUnavailable) for v in verdicts):
+            await self._pause_for_rule_engine(next(str(v) for v in verdicts if isinstance(v, RuleEngineUnavailable)))
+            return len(listed)
+        new: list[NewAttempt] = []
+        custom = self.writer.custom if self.writer is not None else []
+        for d, v in zip(due, verdicts, strict=True):
+            if isinstance(v, RuleEngineRefused):
+                refusals.append(ContactUpdate(d.contact_id, "filtered_out", reason=f"refused: {v}"))
+            elif isinstance(v, BaseException):
+                raise v
+            else:
+                update = verdict_update(d.contact_id, v.allowed, v.code, v.retry_at, v.reason, custom)
+                if update is None:
+                    no = d.attempts + 1
+                    phone = d.phone or ""
+                    new.append(NewAttempt(d.contact_id, no, attempt_id(self.job_id, d.contact_id, no), phone))
+                else:
+                    refusals.append(update)
+        if refusals:
+            self.metrics.re_refusals.inc(len(refusals))
+            await self.store.update_contacts(refusals, from_state="pending")
+            out = [u for u in refusals if u.state == "filtered_out"]
+            if out:
+                self.log.info("contacts filtered out", count=len(out), first=out[0].contact_id, reason=out[0].reason)
+        await self.store.start_attempts(new)  # attempt rows first, fenced, then the DIALs
+        self.metrics.attempts.inc(len(new))
+        self.metrics.count("attempts", len(new))
+        for a in new:
+            self.in_flight.add(a.contact_id, a.attempt_no)
+            self._spawn(self._send(a), f"dial-{a.call_id}")
+        return len(listed) - len(new)
+
+    async def _judge(self, d: DueContact) -> Verdict:
+        contact = {"id": d.contact_id, "phone": d.phone or "", "timezone": d.timezone or ""}
+        return await self.re.evaluate(contact, ContactHistory(d.dialed, d.last_dial_at), job=str(self.job_id),
+                                      timeout_s=self.opts.re_timeout_s)
+
+    async def _pause_for_rule_engine(self, why: str) -> None:
+        if not self._re_paused:
+            self._re_paused = True
+            self.metrics.dialing_paused.inc()
+            self.metrics.count("dialing_paused")
+        paused_at = time.monotonic()
+        self.log.warning("dialing paused: no Rule Engine master answers", error=why)
+        while not await self.re.wait_connected(self.opts.state_poll_s):
+            self._check()
+            current = await self.store.state()
+            if current is None or current[0] != "Running":
+                break
+        self._re_paused = False
+        self.metrics.dialing_paused.dec()
+        self.log.info("dialing resumed", paused_ms=round((time.monotonic() - paused_at) * 1000),
+                      master=self.re.master.server if self.re.master else None)
+
+    async def _send(self, a: NewAttempt) -> None:
+        cmd = Dial(a.call_id, str(self.job_id), a.contact_id, a.attempt_no, a.phone, self.epoch,
+                   media_scope(self.job_id))
+        delay = 0.05
+        while True:
+            try:
+                reply = await self.media.dial(cmd)
+                break
+            except MediaUnavailable as exc:  # fate unknown: the same attempt id again is a duplicate at worst
+                self.log.debug("dial not confirmed, sending again", call=a.call_id, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+        if isinstance(reply, Accepted) or reply.reason == "duplicate":
+            self.metrics.dials.labels("accepted").inc()
+            return
+        self.metrics.dials.labels(reply.reason).inc()
+        self.metrics.count(f"dials_rejected_{reply.reason}")
+        wait = refused_dial_retry(reply.reason)
+        if reply.reason in ("down", "capacity") and wait is not None:
+            self._media_wait_until = max(self._media_wait_until, time.monotonic() + wait.total_seconds())
+        assert self.writer is not None
+        if wait is None:
+            self.writer.offer(Completion(a.contact_id, a.attempt_no, CompletionCode.INVALID_NUMBER, 0))
+        else:
+            self.writer.offer(Completion(a.contact_id, a.attempt_no, CompletionCode.CANCELLED, 0,
+                                         retry_at=datetime.now(UTC) + wait))
+
+    async def _watch_overdue(self) -> None:
+        """An attempt whose outcome never comes (its platform restarted and forgot it) must not hold its
+        contact forever: past ``attempt_timeout_s`` it is recorded NETWORK_FAILURE."""
+        period = min(5.0, self.opts.attempt_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            for contact, no in self.in_flight.overdue(self.opts.attempt_timeout_s):
+                self.log.warning("attempt without outcome, recorded as network failure", contact=contact, attempt=no)
+                if self.writer is not None:
+                    self.writer.offer(Completion(contact, no, CompletionCode.NETWORK_FAILURE, None))
+
