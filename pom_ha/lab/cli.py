@@ -1,0 +1,134 @@
+"""``pom-ha lab up | status | down``: the whole local lab — real servers, every daemon, the demo campaign."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import click
+
+from pom_ha.config import ConfigError, Topology, dump_topology, load_topology
+from pom_ha.infra.process import InfraError
+
+topology_option = click.option("--topology", "topology_path", type=click.Path(dir_okay=False), default=None,
+                               envvar="POM_TOPOLOGY", help="topology file (default config/lab.toml)")
+
+
+def _topology(path: str | None) -> Topology:
+    try:
+        return load_topology(path)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _topology_file(topo: Topology, path: str | None) -> Path:
+    """The file the daemons read: the operator's own, or a copy of the default in the lab folder."""
+    if path:
+        return Path(path).resolve()
+    lab = topo.lab_dir()
+    lab.mkdir(parents=True, exist_ok=True)
+    target = dump_topology(topo, lab / "topology.toml")
+    target.chmod(0o644)
+    return target
+
+
+@click.group("lab")
+def lab() -> None:
+    """The local multi-server lab: servers, pom-ha daemons and a demo campaign."""
+
+
+@lab.command("up")
+@click.option("--demo/--no-demo", default=True, show_default=True, help="create and start the demo campaign")
+@click.option("--contacts", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@click.option("--calls-per-second", type=click.FloatRange(0.1, 2000), default=25.0, show_default=True)
+@topology_option
+def lab_up(demo: bool, contacts: int, calls_per_second: float, topology_path: str | None) -> None:
+    """Start the servers, then every daemon on every POM server, then the demo campaign; print the tables."""
+    from pom_ha.infra.stack import Stack
+    from pom_ha.lab.platform import create_demo, start_platform, wait_platform
+    from pom_ha.status import read_table
+
+    topo = _topology(topology_path)
+    stack = Stack(topo)
+
+    async def go() -> None:
+        seconds = await stack.up(progress=lambda m: click.echo(f"  {m}"))
+        click.echo(f"servers up in {seconds:.1f} s (lab folder {topo.lab_dir()})")
+        start_platform(topo, _topology_file(topo, topology_path), echo=click.echo)
+        await wait_platform(topo)
+        click.echo("daemons up: every component registered on every server")
+        if demo:
+            click.echo(await create_demo(topo, contacts=contacts, calls_per_second=calls_per_second,
+                                         echo=click.echo))
+        table = await read_table(topo.postgres.dsn(), [s.name for s in topo.servers])
+        from pom_ha.cli import _table
+
+        click.echo(_table(table.header(), table.lines(stale_after_s=5.0)))
+
+    try:
+        asyncio.run(go())
+    except (ConfigError, InfraError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        click.echo("the lab is left as it is for inspection; stop it with: pom-ha lab down", err=True)
+        sys.exit(2)
+    click.echo("watch it with: pom-ha lab status   (stop it with: pom-ha lab down)")
+
+
+@lab.command("status")
+@topology_option
+def lab_status(topology_path: str | None) -> None:
+    """Server processes, the component table, and the jobs."""
+    from pom_ha.cli import _print_status, status
+    from pom_ha.infra.stack import Stack
+
+    topo = _topology(topology_path)
+    _print_status(Stack(topo))
+    click.echo("")
+    ctx = click.get_current_context()
+    ctx.invoke(status, stale_after_s=5.0, as_json=False, topology_path=topology_path)
+    click.echo("")
+    asyncio.run(_print_jobs(topo))
+
+
+async def _print_jobs(topo: Topology) -> None:
+    import asyncpg
+
+    from pom_ha.cli import _table
+
+    try:
+        conn = await asyncpg.connect(topo.postgres.dsn(), timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        click.echo(f"jobs: PostgreSQL unreachable ({exc.__class__.__name__})")
+        return
+    try:
+        rows = await conn.fetch(
+            "SELECT j.id, c.name, j.state, a.owner_server,"
+            " (SELECT count(*) FROM attempts t WHERE t.job_id = j.id) AS attempts,"
+            " (SELECT count(*) FROM job_contacts jc WHERE jc.job_id = j.id AND jc.state = 'done') AS done,"
+            " (SELECT count(*) FROM job_contacts jc WHERE jc.job_id = j.id) AS contacts"
+            " FROM jobs j JOIN campaigns c ON c.id = j.campaign_id"
+            " LEFT JOIN ha_assignment a ON a.service = 'campaign_manager' AND a.item = 'job:' || j.id"
+            " ORDER BY j.id"
+        )
+    finally:
+        await conn.close()
+    if not rows:
+        click.echo("no jobs")
+        return
+    click.echo(_table(
+        ["JOB", "CAMPAIGN", "STATE", "CM", "ATTEMPTS", "CONTACTS DONE"],
+        [[str(r["id"]), r["name"], r["state"], r["owner_server"] or "-", str(r["attempts"]),
+          f"{r['done']}/{r['contacts']}"] for r in rows],
+    ))
+
+
+@lab.command("down")
+@topology_option
+def lab_down(topology_path: str | None) -> None:
+    """Stop every daemon and server the lab started (by PID). A no-op when nothing runs."""
+    from pom_ha.infra.stack import Stack
+
+    stopped = asyncio.run(Stack(_topology(topology_path)).down())
+    click.echo(f"stopped {len(stopped)} process(es)" + (f": {', '.join(stopped)}" if stopped else ""))
