@@ -74,6 +74,13 @@ class PortsSection(_Strict):
     console: int = 8080
 
 
+class KafkaSection(_Strict):
+    """Event SDK cluster settings. ``ssl``: brokers listen on SSL only and require a client certificate
+    (mutual TLS); the lab creates its CA and stores under ``<lab dir>/ssl`` (see pom_ha.kafka.ssl)."""
+
+    ssl: bool = False
+
+
 class ServerSection(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
     address: str
@@ -92,6 +99,7 @@ class Topology(_Strict):
     lab: LabSection = LabSection()
     postgres: PostgresSection = PostgresSection()
     ports: PortsSection = PortsSection()
+    kafka: KafkaSection = KafkaSection()
     servers: list[ServerSection]
     zones: list[ZoneSection] = Field(default_factory=lambda: [ZoneSection(name="Default")])
     source: str = ""
@@ -180,7 +188,7 @@ def _toml_value(v: object) -> str:
 def dump_topology(topo: Topology, path: Path) -> Path:
     """Write ``topo`` as a topology file (used to hand an isolated lab's topology to daemons)."""
     out: list[str] = []
-    for section in ("lab", "postgres", "ports"):
+    for section in ("lab", "postgres", "ports", "kafka"):
         out.append(f"[{section}]")
         model = getattr(topo, section)
         for key in type(model).model_fields:

@@ -3,11 +3,14 @@
 ``broker.id`` is the server's 1-based position in the topology (its ZooKeeper ``myid`` too). Durability
 settings follow DESIGN §4: replication factor 3 (fewer when the lab has fewer brokers),
 ``min.insync.replicas=2``, no unclean leader election; producers use acks=all and idempotence.
+With ``[kafka] ssl = true`` the one listener is SSL with client authentication required; the key and trust
+stores come from ``pom_ha.kafka.tls`` and readiness is probed over mutual TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -18,6 +21,7 @@ from pom_ha.config import Topology
 from pom_ha.infra.base import Launcher, java_bin, jvm_classpath, render_template
 from pom_ha.infra.process import ProcessRecord
 from pom_ha.infra.zookeeper import jvm_server_opts, wait_exec_settled, zookeeper_connect
+from pom_ha.kafka.tls import broker_ssl_properties, ensure_pki, lab_pki, security_config
 
 if TYPE_CHECKING:
     from confluent_kafka.admin._metadata import ClusterMetadata
@@ -36,9 +40,10 @@ def broker_ids(topo: Topology) -> set[int]:
     return {topo.server_index(s.name) for s in topo.servers_running("kafka")}
 
 
-def _fetch_metadata(bootstrap: str, timeout_s: float) -> ClusterMetadata | None:
+def _fetch_metadata(bootstrap: str, timeout_s: float, security: dict[str, str]) -> ClusterMetadata | None:
     admin = AdminClient(
         {
+            **security,
             "bootstrap.servers": bootstrap,
             "socket.timeout.ms": int(timeout_s * 1000),
             # a broker that is still starting refuses connections: that is an answer, not log noise
@@ -84,15 +89,40 @@ class KafkaLauncher(Launcher):
     def listen_ports(self) -> list[tuple[str, int]]:
         return [(self.address, self.topo.ports.kafka)]
 
+    @property
+    def protocol(self) -> str:
+        """Security protocol of the broker's one listener (``[kafka] ssl`` in the topology)."""
+        return "SSL" if self.topo.kafka.ssl else "PLAINTEXT"
+
+    def security(self) -> dict[str, str]:
+        """Client security settings that reach this broker (empty for plaintext)."""
+        return security_config(self.topo, lab_pki(self.topo, self.lab_dir))
+
+    def _prepare_tls(self) -> str:
+        """Make sure the lab CA and this broker's stores exist; copy them into conf/ (readable only by the
+        broker's uid once the home is chowned) and return the SSL block of server.properties."""
+        pki = lab_pki(self.topo, self.lab_dir)
+        ensure_pki(pki, [(s.name, s.address) for s in self.topo.servers_running("kafka")])
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        self.conf_dir.chmod(0o700)
+        keystore, truststore = self.conf_dir / "keystore.p12", self.conf_dir / "truststore.p12"
+        for src, dest in ((pki.keystore(self.server.name), keystore), (pki.truststore, truststore)):
+            shutil.copyfile(src, dest)
+            dest.chmod(0o600)
+        return broker_ssl_properties(keystore, truststore, pki.password())
+
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.home / "tmp").mkdir(exist_ok=True)
         brokers = len(self.topo.servers_running("kafka"))
         replication = min(3, brokers)
+        ssl_settings = self._prepare_tls() if self.topo.kafka.ssl else ""
         render_template(
             "kafka-server.properties",
             self.config_path,
             broker_id=self.broker_id,
+            protocol=self.protocol,
+            ssl_settings=ssl_settings,
             address=self.address,
             port=self.topo.ports.kafka,
             log_dirs=self.data_dir,
@@ -122,7 +152,7 @@ class KafkaLauncher(Launcher):
         """Cluster metadata through THIS broker, or None when it does not answer in time."""
         # librdkafka may send list_topics to a peer it has learned of, but it can only have learned
         # of peers from this broker's own metadata answer: any answer at all means this broker serves
-        return await asyncio.to_thread(_fetch_metadata, self.endpoint, PROBE_TIMEOUT_S)
+        return await asyncio.to_thread(_fetch_metadata, self.endpoint, PROBE_TIMEOUT_S, self.security())
 
     async def probe(self) -> bool:
         md = await self.metadata()
