@@ -178,7 +178,6 @@ class Elector:
         if self.state is not RoleState.MASTER or lease is None or lease.valid_until_mono is None:
             return float("-inf")
         exclusive = lease.exclusive_until_mono if lease.exclusive_until_mono is not None else lease.valid_until_mono
-        return lease.valid_until_mono
         return min(lease.valid_until_mono, max(exclusive, self.peers.confirmed_until()))
 
     @property

@@ -21,6 +21,7 @@ class EventOutbox:
         self._queue: deque[tuple[HAEvent, float]] = deque()
         self._max = max_events
         self._clock = clock
+        self._flushing = False
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -33,15 +34,26 @@ class EventOutbox:
         self._queue.append((event, self._clock()))
 
     async def flush(self, store: StatusStore, timeout_s: float) -> int:
-        """Write queued events in order; returns how many were written (stops at the first failure)."""
+        """Write queued events in order; returns how many were written (stops at the first failure).
+
+        One flusher at a time: a second caller while a flush runs returns 0 at once — the running flush
+        keeps going until the queue is empty, so it also writes what the second caller wanted written (two
+        flushers would write the head event twice and pop past the end of the queue).
+        """
+        if self._flushing:
+            return 0
+        self._flushing = True
         written = 0
-        while self._queue:
-            event, queued_at = self._queue[0]
-            try:
-                await store.record_event(replace(event, age_s=max(0.0, self._clock() - queued_at)),
-                                         timeout_s=timeout_s)
-            except StatusStoreError:
-                break
-            self._queue.popleft()
-            written += 1
+        try:
+            while self._queue:
+                event, queued_at = self._queue[0]
+                try:
+                    await store.record_event(replace(event, age_s=max(0.0, self._clock() - queued_at)),
+                                             timeout_s=timeout_s)
+                except StatusStoreError:
+                    break
+                self._queue.popleft()
+                written += 1
+        finally:
+            self._flushing = False
         return written

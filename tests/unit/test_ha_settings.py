@@ -69,3 +69,30 @@ def test_environment_overrides_and_errors_name_the_variable() -> None:
 def test_unknown_setting_is_refused() -> None:
     with pytest.raises(ValidationError):
         HATimings(lease_ttl=3000)  # type: ignore[call-arg]
+
+
+async def test_two_concurrent_outbox_flushes_write_each_event_once() -> None:
+    import asyncio
+
+    from pom_ha.ha.fake_store import FakeStatusStore
+    from pom_ha.ha.outbox import EventOutbox
+    from pom_ha.ha.store import HAEvent
+
+    store = FakeStatusStore(3000)
+    written: list[str] = []
+    gate = asyncio.Event()
+
+    async def slow_record(event: HAEvent, *, timeout_s: float | None = None) -> None:
+        await gate.wait()
+        written.append(event.decision)
+
+    store.record_event = slow_record  # type: ignore[method-assign]
+    outbox = EventOutbox()
+    for i in range(3):
+        outbox.add(HAEvent("svc", "", "pom1", "i1", "acquired", i, f"e{i}"))
+    first = asyncio.create_task(outbox.flush(store, 1.0))
+    await asyncio.sleep(0)
+    assert await outbox.flush(store, 1.0) == 0, "a second flusher must not run beside the first"
+    gate.set()
+    assert await first == 3
+    assert written == ["e0", "e1", "e2"] and len(outbox) == 0
