@@ -11,8 +11,11 @@ from typing import Any, TypeVar
 
 import click
 
+from pom_ha.campaign.cli import COMMANDS as CAMPAIGN_COMMANDS
 from pom_ha.config import ConfigError, Topology, load_topology
 from pom_ha.infra.process import InfraError
+from pom_ha.kafka.cli import kafka_group
+from pom_ha.lab.cli import lab as lab_group
 
 T = TypeVar("T")
 
@@ -202,11 +205,28 @@ def bench_infra_up(as_json: bool, topology_path: str | None) -> None:
 
 @bench.command("failover")
 @click.option("--mode", type=click.Choice(["kill", "stop", "graceful", "partition"]), default="kill")
+@click.option("--component", type=click.Choice(["probe", "cd", "cm", "re"]), default="probe", show_default=True,
+              help="probe: the HA core alone (ha-probe daemons); cd/cm/re: that component in a dialing platform "
+                   "(kill only)")
 @click.option("--trials", type=click.IntRange(1, 200), default=20)
 @click.option("--json", "as_json", is_flag=True)
 @topology_option
-def bench_failover(mode: str, trials: int, as_json: bool, topology_path: str | None) -> None:
-    """Fault of the master -> the new master's first fenced write (ha-probe daemons, real PostgreSQL)."""
+def bench_failover(mode: str, component: str, trials: int, as_json: bool, topology_path: str | None) -> None:
+    """Fault of the master -> the new master's first fenced write (probe), or -> dialing again (cm, re) or the
+    new Common CD's first fenced action (cd)."""
+    if component != "probe":
+        if mode != "kill":
+            click.echo(f"error: --component {component} supports --mode kill only", err=True)
+            sys.exit(2)
+        from pom_ha.bench.campaigns import run_component_failover
+
+        c = _run(run_component_failover(_topology(topology_path), component, trials,  # type: ignore[arg-type]
+                                        echo=click.echo))
+        click.echo(json.dumps(c) if as_json else (
+            f"{component} kill, {c['trials']} trials: p50 {c['p50_ms']} ms, p95 {c['p95_ms']} ms, "
+            f"p99 {c['p99_ms']} ms, max {c['max_ms']} ms; duplicate attempts {c['duplicate_attempts']}; "
+            f"vs POM's {c['pom_s']:.0f} s: {c['pom_ratio_p99']}x faster (p99)"))
+        return
     from pom_ha.bench.failover import run_bench as run_failover
 
     r = _run(run_failover(_topology(topology_path), mode, trials, echo=click.echo))  # type: ignore[arg-type]
@@ -218,6 +238,48 @@ def bench_failover(mode: str, trials: int, as_json: bool, topology_path: str | N
         f"p99 {r['p99_ms']} ms, max {r['max_ms']} ms, overlapping masters {r['overlaps']}"
     )
     click.echo("vs POM (p99): " + ", ".join(f"{k} {v}x faster" for k, v in r["pom_ratio_p99"].items()))
+
+
+@bench.command("throughput")
+@click.option("--seconds", type=click.FloatRange(5, 3600), default=60.0, show_default=True, help="measured window")
+@click.option("--warmup", "warmup_s", type=click.FloatRange(0, 600), default=10.0, show_default=True)
+@click.option("--calls-per-second", type=click.FloatRange(1, 5000), default=250.0, show_default=True,
+              help="pacing of each job (one job per server)")
+@click.option("--json", "as_json", is_flag=True)
+@topology_option
+def bench_throughput(seconds: float, warmup_s: float, calls_per_second: float, as_json: bool,
+                     topology_path: str | None) -> None:
+    """Agentless attempts per hour: every daemon on every server, media simulator, one job per server."""
+    from pom_ha.bench.campaigns import run_throughput
+
+    r = _run(run_throughput(_topology(topology_path), seconds=seconds, warmup_s=warmup_s,
+                            calls_per_second=calls_per_second, echo=click.echo))
+    click.echo(json.dumps(r) if as_json else (
+        f"{r['attempts_per_hour']:,} attempts/hour ({r['attempts']} in {r['seconds']} s, {r['jobs']} jobs on "
+        f"{r['campaign_managers']} CMs, duplicates {r['duplicate_attempts']}); {r['pom_ratio']}x POM's 500,000/h"))
+
+
+@bench.command("import")
+@click.option("--records", type=click.IntRange(1000, 10_000_000), default=200_000, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@topology_option
+def bench_import(records: int, as_json: bool, topology_path: str | None) -> None:
+    """CSV records imported per hour by the real Common CD (queued like an operator's import)."""
+    from pom_ha.bench.campaigns import run_import
+
+    r = _run(run_import(_topology(topology_path), records=records, echo=click.echo))
+    click.echo(json.dumps(r) if as_json else (
+        f"{r['records_per_hour']:,} records/hour ({r['imported']} imported, {r['rejected']} rejected in "
+        f"{r['seconds']} s); {r['pom_ratio']}x POM's 500,000/h"))
+
+
+# ---- campaign, list, job: campaign administration (pom_ha/campaign/cli.py) -------------------------------
+for _group in CAMPAIGN_COMMANDS:
+    main.add_command(_group)
+# ---- kafka: the guide's Kafka HA procedure as commands (pom_ha/kafka/cli.py) --------------------------------
+main.add_command(kafka_group)
+# ---- lab: the whole local lab with every daemon and the demo campaign (pom_ha/lab/cli.py) -------------------
+main.add_command(lab_group)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,19 @@ async def rules(pg_dsn: str) -> None:
         await conn.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+async def release_test_allocator(pg_dsn: str) -> AsyncIterator[None]:
+    """These tests hold the campaign_director lease themselves (as holder 'test'); release it afterwards so
+    real Campaign Directors of later tests in the same session can become master."""
+    yield
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE ha_lease SET expires_at = now(), released_at = now()"
+                           " WHERE service = 'campaign_director' AND holder_instance = 'test'")
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="module")
 def engines(stack: Stack, topology_file: Path, rules: None) -> Iterator[dict[str, ProcessRecord]]:
     recs = {s: start_daemon(stack.topo, topology_file, s, "rule-engine") for s in ("pom1", "pom2", "pom3")}

@@ -1,0 +1,75 @@
+"""``python -m services.campaign_director --server pom1 [--topology FILE] [--zone Z ...] [--http-port N]
+[--heartbeat-port N] [--instance-tag T]`` (also ``pom-ha run campaign-director ...``).
+
+Zones: ``--zone`` (repeatable) if given, else the topology's zones plus any in the ``zones`` table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import asyncpg
+
+from pom_ha.config import ConfigError, load_topology
+from pom_ha.ha.daemon import DaemonConfig
+from pom_ha.ha.logsetup import configure_logging
+from pom_ha.ha.roles import RoleKind, SingletonRole, ZoneRole
+from pom_ha.ha.settings import load_timings
+from services.campaign_director.daemon import SERVICE, CampaignDirectorDaemon
+from services.campaign_director.settings import load_settings
+from services.campaign_director.zones import ZONE_SERVICE
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="campaign-director", description=__doc__)
+    p.add_argument("--server", required=True, help="POM server name from the topology (pom1)")
+    p.add_argument("--topology", default=None, help="topology file (default config/lab.toml or POM_TOPOLOGY)")
+    p.add_argument("--zone", action="append", default=[], help="lead this zone's director role (repeatable)")
+    p.add_argument("--http-port", type=int, default=0, help="/health and /metrics port (0 = ephemeral)")
+    p.add_argument("--heartbeat-port", type=int, default=0, help="heartbeat server port (0 = ephemeral)")
+    p.add_argument("--instance-tag", default=None, help="free-form tag (the lab uses it to find the process)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def _zones_in_database(dsn: str) -> list[str]:
+    """Zones an administrator added in the database (best effort: the topology's zones suffice)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=2)
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        return []
+    try:
+        return [r["name"] for r in await conn.fetch("SELECT name FROM zones ORDER BY name", timeout=2)]
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        return []
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        topo = load_topology(args.topology)
+        server = topo.server(args.server)
+        timings = load_timings()
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dsn = topo.postgres.dsn()
+    zones = list(dict.fromkeys(args.zone)) or list(dict.fromkeys(
+        [z.name for z in topo.zones] + asyncio.run(_zones_in_database(dsn))
+    ))
+    roles: tuple[RoleKind, ...] = (SingletonRole(SERVICE), *(ZoneRole(ZONE_SERVICE, z) for z in zones))
+    config = DaemonConfig(
+        server=server.name, address=server.address, dsn=dsn, roles=roles, timings=timings,
+        http_port=args.http_port, heartbeat_port=args.heartbeat_port, instance_tag=args.instance_tag,
+    )
+    return asyncio.run(CampaignDirectorDaemon(config, settings=settings).main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

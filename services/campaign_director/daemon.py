@@ -1,0 +1,156 @@
+"""The Campaign Director daemon: Common CD (``SingletonRole("campaign_director")``) + Zone Directors
+(``ZoneRole("zone_director", zone)`` per zone) in one process.
+
+While master of the singleton it runs the Common CD's duties, each fenced by the lease epoch:
+
+======================  ==========================================================================
+duty                    module
+======================  ==========================================================================
+first fenced action     an ``ha_event`` row ``first_fenced_action`` (the failover benchmark reads it)
+allocation              :mod:`.jobs` — least busy RUNNING CM, reallocation of dead CMs' jobs, unassign
+operator commands       :mod:`.jobs` — pause / resume / stop requested while up or down
+finish criteria         :mod:`.jobs` — end time / goals / all contacts done -> Stopping (Completed)
+schedules and purges    :mod:`.schedules` — missed schedules fire once, late; cut-off purges abandoned
+data imports            :mod:`.schedules` + :mod:`pom_ha.campaign.imports` — resumed from the checkpoint
+exports                 :mod:`.exporter` — resumed from the last chunk on disk
+nuisance rate, alarms   :mod:`.nuisance`
+trend samples           :mod:`.trends` — progress of active jobs for the monitor's charts
+post-processing         :mod:`.postprocess` — one result summary per ended job, resumed after failover
+======================  ==========================================================================
+
+Zone leases: see :mod:`.zones` (allocation to the least busy CD, taking zones back after a failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from pom_ha.domain.attempts import SYSTEM_CODES
+from pom_ha.ha.daemon import DaemonConfig, HADaemon
+from pom_ha.ha.election import Elector
+from pom_ha.ha.roles import RoleState, ZoneRole
+from pom_ha.ha.term import MasterTerm
+from services.campaign_director.context import DB_ERRORS, TermContext
+from services.campaign_director.exporter import ExportDuties
+from services.campaign_director.jobs import JobDuties
+from services.campaign_director.nuisance import NuisanceDuties
+from services.campaign_director.postprocess import PostProcessing
+from services.campaign_director.schedules import ScheduleDuties
+from services.campaign_director.settings import CDSettings
+from services.campaign_director.trends import TrendDuties
+from services.campaign_director.zones import ZONE_SERVICE, run_zone_director
+
+SERVICE = "campaign_director"
+
+
+class CampaignDirectorDaemon(HADaemon):
+    def __init__(self, config: DaemonConfig, *, settings: CDSettings | None = None) -> None:
+        super().__init__(config)
+        self.settings = settings or CDSettings()
+        self.zone_homes: dict[str, str] = {}
+
+    @property
+    def log(self) -> Any:
+        return self._log
+
+    async def setup(self) -> None:
+        # open the app pool now: a new master's first fenced action must not wait for a connection
+        with contextlib.suppress(*DB_ERRORS):
+            await (await self.app_db()).fetchval("SELECT 1")
+        self.store.subscribe(self._claim_home_zone_now)
+        self.spawn(self._refresh_zone_homes(), name="zone-homes")
+
+    async def run_master(self, elector: Elector, term: MasterTerm) -> None:
+        ctx = TermContext(self, term)
+        if term.service == SERVICE:
+            await run_common_director(ctx)
+        else:
+            await run_zone_director(self, elector, ctx)
+
+    def member_load(self, service: str) -> int:
+        if service == ZONE_SERVICE:
+            return sum(1 for e in self.electors if e.service == ZONE_SERVICE and e.is_master)
+        return 0
+
+    async def pause_elector(self, elector: Elector) -> None:
+        """Stop ``elector``'s cycle task so the caller may drive it (release, stop) without two flushers of its
+        event outbox; the task is taken out of supervision first, so its cancellation is not a crash."""
+        for task in list(self._tasks):
+            if task.get_name() == f"elector-{elector.role.label}" and not task.done():
+                self._tasks.discard(task)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    # ---- home zones are claimed without the spread delay ------------------------------------------------
+    def _claim_home_zone_now(self, service: str, scope: str) -> None:
+        """Lease watcher: a zone whose home is this server became free (e.g. handed back): claim it at once
+        instead of leaving it to less busy daemons (the spread would make a busy home wait)."""
+        if service not in (ZONE_SERVICE, "*"):
+            return
+        for e in self.electors:
+            if (isinstance(e.role, ZoneRole) and (scope in ("*", e.scope)) and e.state is RoleState.DORMANT
+                    and self.zone_homes.get(e.scope) == self.config.server):
+                # the spread measures "free for how long" from _free_since: long enough, claim now
+                e._free_since = float("-inf")  # no public hook in pom_ha.ha yet
+                e.wake()
+
+    async def _refresh_zone_homes(self) -> None:
+        while True:
+            with contextlib.suppress(*DB_ERRORS):
+                pool = await self.app_db()
+                rows = await pool.fetch("SELECT zone, home_server FROM cd_zone_home")
+                self.zone_homes.update({r["zone"]: r["home_server"] for r in rows})
+            await asyncio.sleep(1.0)
+
+
+async def run_common_director(ctx: TermContext) -> None:
+    """The Common CD's work for one term: its first fenced action, then every duty on its own period."""
+    s = ctx.settings
+    while True:
+        try:
+            decision = f"Common CD active on {ctx.server} (epoch {ctx.epoch}): first fenced action"
+            started_ms = round((time.monotonic() - ctx.started_mono) * 1000, 1)
+            if not await ctx.event("first_fenced_action", decision, {"after_master_work_started_ms": started_ms}):
+                ctx.log.warning("first fenced action refused: the lease moved on")
+                await ctx.term.ended.wait()
+                return
+            ctx.started_db = await ctx.db_now()
+            ctx.log.info("first fenced action accepted",
+                         after_master_work_started_ms=round((time.monotonic() - ctx.started_mono) * 1000, 1))
+            break
+        except DB_ERRORS as exc:
+            ctx.log.warning("first fenced action failed, retrying", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.05)
+    jobs = JobDuties(ctx)
+    schedules = ScheduleDuties(ctx)
+    exports = ExportDuties(ctx)
+    nuisance = NuisanceDuties(ctx, jobs)
+    post = PostProcessing(ctx)
+    trends = TrendDuties(ctx, [name for name, code in SYSTEM_CODES.items() if code.is_live_answer])
+
+    async def job_round() -> None:
+        await jobs.apply_commands()
+        await jobs.allocate_round()
+
+    abandoned = False
+
+    async def purge_round() -> None:
+        nonlocal abandoned
+        if not abandoned:  # before any purge fires: a purge cut off by the previous master is not resumed
+            await schedules.abandon_cut_off_purges()
+            abandoned = True
+        await schedules.fire_due("purge")
+
+    ctx.every("jobs", s.allocation_interval_ms / 1000, job_round)
+    ctx.every("campaign-starts", s.schedule_interval_ms / 1000, lambda: schedules.fire_due("campaign_start"))
+    ctx.every("purges", s.schedule_interval_ms / 1000, purge_round)
+    ctx.every("finish-criteria", s.finish_check_interval_ms / 1000, jobs.check_finish)
+    ctx.every("nuisance", s.nuisance_interval_ms / 1000, nuisance.compute)
+    ctx.every("trends", s.trend_interval_ms / 1000, trends.sample)
+    ctx.every("post-processing", s.finish_check_interval_ms / 1000, post.run)
+    ctx.every("imports", s.schedule_interval_ms / 1000, schedules.run_imports)
+    ctx.every("exports", s.schedule_interval_ms / 1000, exports.run_exports)
+    await ctx.term.ended.wait()
