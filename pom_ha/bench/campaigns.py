@@ -12,16 +12,18 @@ database clock, so the two ends of every sample are on one clock.
 * ``failover --component`` — a job dialing through a media simulator while the component's master (RE, CD)
   or the job's Campaign Manager is SIGKILLed; the time from the kill to dialing again (RE, CM: the first
   attempt written after the new master acquired / by another CM) or to the new Common CD's first fenced
-  action (the allocation of a job queued at the moment of the kill).
+  action (its ``first_fenced_action`` event, written fenced as its master work starts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import statistics
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -91,6 +93,30 @@ class BenchLab:
         tails = "\n".join(f"--- {k}\n{log_tail(r.log, 15)}" for k, r in self.procs.items() if service[:4] in k)
         raise InfraError(f"{service}: fewer than {count} members up within {timeout_s:.0f} s\n{tails}")
 
+    async def wait_replaced(self, service: str, server: str, old_instance: str, timeout_s: float = 90) -> None:
+        """The daemon restarted on ``server`` is a member (``wait_members`` alone would count the killed
+        instance's row, fresh for 3 s, and start the next trial while the new process is still starting)."""
+        async def replaced() -> Any:
+            return await self.conn.fetchval(
+                "SELECT 1 FROM ha_member WHERE service = $1 AND server = $2 AND instance_id <> $3"
+                " AND state IN ('MASTER', 'DORMANT', 'RUNNING') AND seen_at > now() - interval '3 seconds'",
+                service, server, old_instance)
+
+        await _poll(replaced, timeout_s, f"{service} on {server} restarted")
+
+    async def wait_heartbeats(self, daemon: str, service: str, timeout_s: float = 30) -> None:
+        """Every live ``daemon`` process sees all the others on its heartbeat links (its /health): the steady
+        state a failover is measured from — a dormant takes over early only from a master it has seen."""
+        recs = [r for k, r in self.procs.items() if k.startswith(f"{daemon}@") and r.alive()]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            peers = await asyncio.gather(*(asyncio.to_thread(_alive_peers, r, service) for r in recs))
+            if all(n is not None and n >= len(recs) - 1 for n in peers):
+                return
+            if time.monotonic() > deadline:
+                raise InfraError(f"{daemon}: heartbeat peers not all up within {timeout_s:.0f} s: {peers}")
+            await asyncio.sleep(0.1)
+
     async def db_now(self) -> datetime:
         value: datetime = await self.conn.fetchval("SELECT clock_timestamp()")
         return value
@@ -102,6 +128,18 @@ class BenchLab:
         if row is None:
             raise InfraError(f"no {service} master")
         return str(row["holder_server"]), int(row["epoch"])
+
+
+def _alive_peers(rec: ProcessRecord, service: str) -> int | None:
+    """How many heartbeat peers the daemon sees alive (its /health, at the URL it logged), or None."""
+    try:
+        lines = Path(rec.log).read_text(errors="replace").splitlines()
+        url = next(json.loads(line)["url"] for line in reversed(lines) if '"status endpoint listening"' in line)
+        with urllib.request.urlopen(url, timeout=1.0) as reply:
+            body = json.loads(reply.read())
+        return len(body["heartbeat"][service]["alive_peers"])
+    except (OSError, StopIteration, KeyError, ValueError):
+        return None
 
 
 @asynccontextmanager
@@ -261,18 +299,22 @@ async def run_import(base: Topology, *, records: int = 200_000, echo: Callable[[
 
 # ---- component failover --------------------------------------------------------------------------------------
 async def _first_attempt_after(bench: BenchLab, job: int, after: datetime, *, other_than: str | None = None,
-                               timeout_s: float = 30) -> datetime:
+                               owned_by: str | None = None, timeout_s: float = 30) -> datetime:
     async def first() -> Any:
         return await bench.conn.fetchval(
             "SELECT min(created_at) FROM attempts WHERE job_id = $1 AND created_at > $2"
-            " AND ($3::text IS NULL OR cm_instance <> $3)", job, after, other_than)
+            " AND ($3::text IS NULL OR cm_instance <> $3) AND ($4::text IS NULL OR cm_instance = $4)",
+            job, after, other_than, owned_by)
 
     value: datetime = await _poll(first, timeout_s, f"an attempt of job {job} after {after.isoformat()}")
     return value
 
 
 async def _trial_re(bench: BenchLab, job: int) -> float:
+    await bench.wait_heartbeats("rule-engine", "rule_engine")  # every dormant has seen the master
     server, epoch = await bench.master("rule_engine")
+    instance = await bench.conn.fetchval(
+        "SELECT holder_instance FROM ha_lease WHERE service = 'rule_engine' AND scope = '' AND epoch = $1", epoch)
     await _first_attempt_after(bench, job, await bench.db_now())  # dialing now
     rec = bench.procs[f"rule-engine@{server}"]
     fault = await bench.db_now()
@@ -285,49 +327,46 @@ async def _trial_re(bench: BenchLab, job: int) -> float:
     acquired = await _poll(new_master, 30, "a new rule_engine master")
     resumed = await _first_attempt_after(bench, job, acquired)
     bench.start("rule-engine", server)
-    await bench.wait_members("rule_engine", len(bench.topo.servers))
+    await bench.wait_replaced("rule_engine", server, str(instance))
     return (resumed - fault).total_seconds() * 1000
 
 
 async def _trial_cm(bench: BenchLab, job: int) -> float:
-    row = await bench.conn.fetchrow(
-        "SELECT owner_server, owner_instance FROM ha_assignment WHERE service = 'campaign_manager' AND item = $1",
-        f"job:{job}")
-    if row is None:
-        raise InfraError(f"job {job} has no Campaign Manager")
-    await _first_attempt_after(bench, job, await bench.db_now())
+    async def owner() -> Any:  # the first trial starts right after the job is queued: wait for its allocation
+        return await bench.conn.fetchrow(
+            "SELECT owner_server, owner_instance FROM ha_assignment WHERE service = 'campaign_manager'"
+            " AND item = $1", f"job:{job}")
+
+    row = await _poll(owner, 60, f"job {job} allocated to a Campaign Manager")
+    # dialing now, by that owner (its first filter of a big list takes seconds)
+    await _first_attempt_after(bench, job, await bench.db_now(), owned_by=row["owner_instance"], timeout_s=60)
     rec = bench.procs[f"campaign-manager@{row['owner_server']}"]
     fault = await bench.db_now()
     await asyncio.to_thread(kill_process, rec)
     resumed = await _first_attempt_after(bench, job, fault, other_than=row["owner_instance"])
     media = f"{bench.topo.servers[0].address}:{bench.topo.ports.media_simulator}"
     bench.start("campaign-manager", row["owner_server"], "--media", media)
-    await bench.wait_members("campaign_manager", len(bench.topo.servers))
+    await bench.wait_replaced("campaign_manager", row["owner_server"], row["owner_instance"])
     return (resumed - fault).total_seconds() * 1000
 
 
 async def _trial_cd(bench: BenchLab) -> float:
+    """Kill the Common CD master; the sample ends at the new master's ``first_fenced_action`` event (a fenced
+    write the CD makes as soon as its master work starts, see services/campaign_director/daemon.py)."""
     server, epoch = await bench.master("campaign_director")
-    campaign, _ = await create_campaign_job(bench.conn, 10, 1.0, queue=False)
     rec = bench.procs[f"campaign-director@{server}"]
     fault = await bench.db_now()
     await asyncio.to_thread(kill_process, rec)
-    list_id = await bench.conn.fetchval(
-        "SELECT l.id FROM campaigns c JOIN contact_lists l ON l.name = c.definition->>'contact_list' WHERE c.id = $1",
-        campaign)
-    job = await bench.conn.fetchval("INSERT INTO jobs (campaign_id, list_id) VALUES ($1, $2) RETURNING id",
-                                    campaign, list_id)
 
-    async def allocated() -> Any:
+    async def first_action() -> Any:
         return await bench.conn.fetchval(
-            "SELECT assigned_at FROM ha_assignment WHERE service = 'campaign_manager' AND item = $1"
-            " AND assigner_epoch > $2", f"job:{job}", epoch)
+            "SELECT min(at) FROM ha_event WHERE service = 'campaign_director' AND scope = ''"
+            " AND kind = 'first_fenced_action' AND epoch > $1", epoch)
 
-    first_action = await _poll(allocated, 30, f"job {job} allocated by a new Common CD")
-    await bench.conn.execute("UPDATE jobs SET state = 'Stopped', ended_at = now() WHERE id = $1", job)
+    acted = await _poll(first_action, 30, "the new Common CD's first fenced action")
     bench.start("campaign-director", server)
     await bench.wait_members("campaign_director", len(bench.topo.servers))
-    return float((first_action - fault).total_seconds() * 1000)
+    return float((acted - fault).total_seconds() * 1000)
 
 
 async def run_component_failover(
