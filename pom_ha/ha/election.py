@@ -108,6 +108,9 @@ class ClaimSpread:
             self._claiming.discard(id(elector))
 
 
+_DEADLINE_SLACK_S = 0.001
+
+
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
@@ -234,7 +237,10 @@ class Elector:
         if self.state is not RoleState.MASTER or lease is None or lease.valid_until_mono is None:
             return False
         now = self._clock()
-        if now < self.safe_until():
+        # within a millisecond of the bound counts as past it: a timer may fire a hair early (the loop's
+        # clock resolution, float rounding of "now + delay"), and re-arming for the remaining nanoseconds
+        # would spin; demoting 1 ms early is always safe
+        if now < self.safe_until() - _DEADLINE_SLACK_S:
             return False
         sent = lease.sent_at_mono or now
         detail = {"last_confirmed_renewal_sent_ms_ago": _ms(now - sent)}
