@@ -1,0 +1,1 @@
+"""The Enriched Attempt Event Aggregator daemon (``python -m services.event_aggregator``)."""
