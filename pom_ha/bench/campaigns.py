@@ -353,7 +353,11 @@ async def _trial_cm(bench: BenchLab, job: int) -> float:
 async def _trial_cd(bench: BenchLab) -> float:
     """Kill the Common CD master; the sample ends at the new master's ``first_fenced_action`` event (a fenced
     write the CD makes as soon as its master work starts, see services/campaign_director/daemon.py)."""
+    await bench.wait_heartbeats("campaign-director", "campaign_director")  # every dormant has seen the master
     server, epoch = await bench.master("campaign_director")
+    instance = await bench.conn.fetchval(
+        "SELECT holder_instance FROM ha_lease WHERE service = 'campaign_director' AND scope = '' AND epoch = $1",
+        epoch)
     rec = bench.procs[f"campaign-director@{server}"]
     fault = await bench.db_now()
     await asyncio.to_thread(kill_process, rec)
@@ -365,7 +369,7 @@ async def _trial_cd(bench: BenchLab) -> float:
 
     acted = await _poll(first_action, 30, "the new Common CD's first fenced action")
     bench.start("campaign-director", server)
-    await bench.wait_members("campaign_director", len(bench.topo.servers))
+    await bench.wait_replaced("campaign_director", server, str(instance))
     return float((acted - fault).total_seconds() * 1000)
 
 

@@ -6,7 +6,7 @@ Defaults, units and minimums (the rule that binds each value is on the right):
 setting                    default  min   rule
 =========================  =======  ====  ===============================================================
 lease_ttl_ms               3000     30    a lease not renewed for this long is free (store clock)
-renew_interval_ms          500      10    ``renew_interval_ms * 3 <= lease_ttl_ms``
+renew_interval_ms          400      10    ``renew_interval_ms * 3 <= lease_ttl_ms``
 heartbeat_interval_ms      250      5     ``heartbeat_interval_ms * heartbeat_miss_limit <= lease_ttl_ms``
 heartbeat_miss_limit       4        2     (same rule)
 safety_margin_ms           500      1     ``safety_margin_ms < lease_ttl_ms - renew_interval_ms``
@@ -40,7 +40,7 @@ class HATimings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lease_ttl_ms: int = Field(3000, ge=30)
-    renew_interval_ms: int = Field(500, ge=10)
+    renew_interval_ms: int = Field(400, ge=10)
     heartbeat_interval_ms: int = Field(250, ge=5)
     heartbeat_miss_limit: int = Field(4, ge=2)
     safety_margin_ms: int = Field(500, ge=1)

@@ -71,17 +71,23 @@ SELECT count(*) FILTER (WHERE state = 'pending') AS pending, count(*) FILTER (WH
        min(next_attempt_at) FILTER (WHERE state = 'pending') AS next_due
   FROM job_contacts WHERE job_id = $1
 """
+# The due contacts are picked first, by the partial index job_contacts_due alone (its order, so the scan
+# stops after $3 rows), and only those few are joined to their contact and attempt history. Ordering by
+# (next_attempt_at, contact_id) over the whole job instead made PostgreSQL join and sort every pending
+# contact before the LIMIT: 2.5 s per tick on a job of 200,000 contacts (the dial loop, and a failover,
+# waited for it).
 SQL_DUE = """
 SELECT jc.contact_id, jc.attempts, c.phone, c.timezone, h.dialed, h.last_dial_at
-  FROM job_contacts jc
+  FROM (SELECT contact_id, attempts, next_attempt_at FROM job_contacts
+         WHERE job_id = $1 AND state = 'pending' AND next_attempt_at <= now()
+         ORDER BY next_attempt_at LIMIT $3) jc
   LEFT JOIN contacts c ON c.list_id = $2 AND c.contact_id = jc.contact_id
   LEFT JOIN LATERAL (
        SELECT count(*) FILTER (WHERE a.code IS NULL OR a.code <> ALL($4::text[])) AS dialed,
               max(coalesce(a.completed_at, a.created_at)) FILTER (WHERE a.code IS NULL OR a.code <> ALL($4::text[]))
                   AS last_dial_at
-         FROM attempts a WHERE a.job_id = jc.job_id AND a.contact_id = jc.contact_id) h ON jc.attempts > 0
- WHERE jc.job_id = $1 AND jc.state = 'pending' AND jc.next_attempt_at <= now()
- ORDER BY jc.next_attempt_at, jc.contact_id LIMIT $3
+         FROM attempts a WHERE a.job_id = $1 AND a.contact_id = jc.contact_id) h ON jc.attempts > 0
+ ORDER BY jc.next_attempt_at, jc.contact_id
 """
 SQL_ATTEMPTS_OF = """
 SELECT contact_id, attempt_no, state, code, created_at, completed_at FROM attempts
@@ -106,10 +112,17 @@ UPDATE jobs SET state = $2, ending = $4, state_reason = coalesce($5, state_reaso
 SQL_CHUNK_END = """
 SELECT contact_id FROM contacts WHERE list_id = $1 AND contact_id > $2 ORDER BY contact_id OFFSET $3 LIMIT 1
 """
+# The contacts of one chunk of the list (contact_id in ($3, $4]) that the job does not have yet: a set
+# difference of two primary-key range scans (hashed), so a re-filter that finds nothing new (a takeover)
+# costs two scans per chunk instead of one index probe and a conflict check per contact.
 W_FILTER = """
 INSERT INTO job_contacts (job_id, contact_id, state, next_attempt_at)
-SELECT $1, c.contact_id, 'pending', now() FROM contacts c
- WHERE c.list_id = $2 AND c.contact_id > $3 AND ($4::text IS NULL OR c.contact_id <= $4) AND {fence}
+SELECT $1, m.contact_id, 'pending', now() FROM (
+       SELECT contact_id FROM contacts WHERE list_id = $2 AND contact_id > $3 AND ($4::text IS NULL OR contact_id <= $4)
+       EXCEPT
+       SELECT contact_id FROM job_contacts
+        WHERE job_id = $1 AND contact_id > $3 AND ($4::text IS NULL OR contact_id <= $4)) m
+ WHERE {fence}
 ON CONFLICT (job_id, contact_id) DO NOTHING
 """
 FILTER_CHUNK = 20_000
@@ -215,9 +228,17 @@ class JobStore:
         return result.rows == 1
 
     async def filter_contacts(self, list_id: int, chunk: int = FILTER_CHUNK) -> int:
-        """Add the list's contacts that the job does not have yet (in chunks of ``chunk`` contacts, each
-        idempotent, so a big list never needs one long statement); put contacts 'dialing' without an
-        attempt in flight back to pending. Returns how many contacts were added."""
+        """Add the list's contacts that the job does not have yet (:meth:`add_missing`), then put contacts
+        'dialing' without an attempt in flight back to pending (:meth:`unstick`). Returns how many
+        contacts were added."""
+        added = await self.add_missing(list_id, chunk)
+        await self.unstick()
+        return added
+
+    async def add_missing(self, list_id: int, chunk: int = FILTER_CHUNK) -> int:
+        """Add the list's contacts that the job does not have yet, in chunks of ``chunk`` contacts (each
+        fenced and idempotent, so a big list never needs one long statement). Safe while the job dials:
+        it only inserts rows that do not exist. Returns how many contacts were added."""
         added, low = 0, ""
         async with self.pool.acquire(timeout=self.timeout_s) as conn:
             while True:
@@ -226,8 +247,13 @@ class JobStore:
                 if high is None:
                     break
                 low = high
-            await self._fenced(conn, W_UNSTICK, self.job_id)
         return added
+
+    async def unstick(self) -> int:
+        """Contacts 'dialing' without an attempt in flight go back to pending (none is expected). Only
+        while this runner places no attempts: its NOT EXISTS would not see an attempt committed meanwhile."""
+        async with self.pool.acquire(timeout=self.timeout_s) as conn:
+            return (await self._fenced(conn, W_UNSTICK, self.job_id)).rows
 
     async def start_attempts(self, attempts: Sequence[NewAttempt]) -> None:
         """Write the attempt rows (dialing) and move their contacts to dialing, in ONE fenced transaction —

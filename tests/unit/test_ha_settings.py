@@ -9,13 +9,13 @@ from pom_ha.config import ConfigError
 from pom_ha.ha.settings import HATimings, load_timings
 
 
-def test_defaults_follow_the_design() -> None:
+def test_defaults_follow_the_design_with_the_faster_renewal() -> None:
     t = HATimings()
-    assert (t.lease_ttl_ms, t.renew_interval_ms, t.heartbeat_interval_ms, t.heartbeat_miss_limit) == (3000, 500, 250, 4)
+    assert (t.lease_ttl_ms, t.renew_interval_ms, t.heartbeat_interval_ms, t.heartbeat_miss_limit) == (3000, 400, 250, 4)
     assert (t.safety_margin_ms, t.takeover_stale_renewals, t.heartbeat_max_frame_bytes) == (500, 2, 65536)
     assert t.db_retry_max_backoff_ms == 5000
     assert t.valid_for_s == pytest.approx(2.5)
-    assert t.takeover_stale_ms == 1000
+    assert t.takeover_stale_ms == 800
     assert t.heartbeat_dead_after_s == pytest.approx(1.0)
 
 
@@ -27,9 +27,9 @@ def test_defaults_follow_the_design() -> None:
         ({"safety_margin_ms": 2500}, ("safety_margin_ms", "lease_ttl_ms")),
         ({"heartbeat_interval_ms": 1000}, ("heartbeat_interval_ms", "heartbeat_miss_limit")),
         ({"heartbeat_miss_limit": 13}, ("heartbeat_interval_ms", "lease_ttl_ms")),
-        ({"takeover_stale_renewals": 6}, ("takeover_stale_renewals", "renew_interval_ms")),
+        ({"takeover_stale_renewals": 8}, ("takeover_stale_renewals", "renew_interval_ms")),
         ({"db_retry_max_backoff_ms": 100}, ("db_retry_max_backoff_ms", "renew_interval_ms")),
-        ({"store_timeout_ms": 2100}, ("store_timeout_ms", "lease_ttl_ms")),
+        ({"store_timeout_ms": 2200}, ("store_timeout_ms", "lease_ttl_ms")),
     ],
 )
 def test_bad_combinations_are_refused_naming_both_settings(overrides: dict[str, int], names: tuple[str, str]) -> None:
