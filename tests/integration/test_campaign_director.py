@@ -741,7 +741,9 @@ def _noon_zone() -> str:
 async def test_campaigns_complete_with_real_campaign_managers_and_survive_a_cm_kill(
     stack: Stack, topology_file: Path, db: asyncpg.Connection, directors: Directors
 ) -> None:
-    await db.execute("UPDATE pim_config SET value = '0' WHERE key = 'RuleEngineMinGapBetweenAttemptsMs'")
+    gap_before = await db.fetchval(
+        "UPDATE pim_config p SET value = '0' FROM pim_config o WHERE p.key = o.key"
+        " AND p.key = 'RuleEngineMinGapBetweenAttemptsMs' RETURNING o.value")
     run_dir = stack.topo.lab_dir() / "run"
     media = (stack.topo.server("pom3").address, stack.topo.ports.media_simulator)
     others = [
@@ -810,6 +812,8 @@ async def test_campaigns_complete_with_real_campaign_managers_and_survive_a_cm_k
     finally:
         for rec in [*cm_procs.values(), *others]:
             await asyncio.to_thread(stop_process, rec, run_dir, 10)
+        await db.execute("UPDATE pim_config SET value = $1 WHERE key = 'RuleEngineMinGapBetweenAttemptsMs'",
+                         gap_before)
 
 
 async def test_a_zone_import_resumes_on_the_zones_next_director(

@@ -40,12 +40,17 @@ OUTCOMES = json.dumps({"ANSWER_HUMAN": 0.6, "BUSY": 0.2, "NO_ANSWER": 0.2})
 
 # ---- processes -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-async def rules(pg_dsn: str) -> None:
+async def rules(pg_dsn: str) -> AsyncIterator[None]:
     """No minimum gap between attempts (retries are immediate in these tests); set before any Rule Engine
-    starts, so every one loads it."""
+    starts, so every one loads it, and put back afterwards for the other tests of the session."""
     conn = await asyncpg.connect(pg_dsn)
     try:
-        await conn.execute("UPDATE pim_config SET value = '0' WHERE key = 'RuleEngineMinGapBetweenAttemptsMs'")
+        before = await conn.fetchval(
+            "UPDATE pim_config p SET value = '0' FROM pim_config o WHERE p.key = o.key"
+            " AND p.key = 'RuleEngineMinGapBetweenAttemptsMs' RETURNING o.value")
+        yield
+        await conn.execute("UPDATE pim_config SET value = $1 WHERE key = 'RuleEngineMinGapBetweenAttemptsMs'",
+                           before)
     finally:
         await conn.close()
 

@@ -26,7 +26,7 @@ CACHE = "pom-smoke"
 # a killed node is noticed within failureDetectionTimeout (3 s); a busy 2-core machine gets slack
 DEADLINE_S = 60.0
 #: a read that fails costs one dead connection at most; more than this means the client is stuck
-MAX_READ_FAILURES = 6
+MAX_FAILURES_PER_READ = 2
 
 
 async def connect(addresses: list[tuple[str, int]]) -> AioClient:
@@ -92,18 +92,22 @@ async def test_replicated_entry_survives_node_kill_and_node_rejoins(stack: Stack
         assert await read(via_all, key) == value
 
         await asyncio.to_thread(a.kill)
-        got, failures = await retry(lambda: read(via_all, key))
+        got, _ = await retry(lambda: read(via_all, key))
         assert got == value
 
         async def a_left() -> bool:
             return b.topology_servers() == len(nodes) - 1
 
         await until(a_left, f"{a.name} leaves the topology seen by {b.name}")
+        # pyignite does not retry by itself: a call that lands on the dead node's address fails and the
+        # client moves on. Once the cluster has dropped the node, each read needs at most a couple of tries
+        # (a loaded machine makes it two rather than one; the first recovery above is bounded by its deadline)
+        per_read = []
         for _ in range(10):
             got, more = await retry(lambda: read(via_all, key))
             assert got == value
-            failures += more
-        assert failures <= MAX_READ_FAILURES, f"{failures} failed reads while {a.name} was down"
+            per_read.append(more)
+        assert max(per_read) <= MAX_FAILURES_PER_READ, f"failed tries per read while {a.name} was down: {per_read}"
     finally:
         for client in clients:
             await client.close()
