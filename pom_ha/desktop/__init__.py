@@ -1,0 +1,1 @@
+"""Agent desktops: the desktop protocol (``protocol``) and the desktop client and bot agent (``client``)."""
