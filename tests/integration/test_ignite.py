@@ -87,9 +87,10 @@ async def test_replicated_entry_survives_node_kill_and_node_rejoins(stack: Stack
         assert settings is not None
         assert settings[PROP_CACHE_MODE] == CacheMode.REPLICATED, "the pom-* template was not applied"
         await cache_a.put(key, value)
-        # FULL_SYNC: the put returned after every node applied it, so B has it now
-        assert await read(via_b, key) == value
-        assert await read(via_all, key) == value
+        # FULL_SYNC: the put returned after every node applied it, so B has it now; B's thin-client side may
+        # learn of a cache created a moment ago a little later ("Cache does not exist"), hence the retry
+        assert (await retry(lambda: read(via_b, key)))[0] == value
+        assert (await retry(lambda: read(via_all, key)))[0] == value
 
         await asyncio.to_thread(a.kill)
         got, _ = await retry(lambda: read(via_all, key))
