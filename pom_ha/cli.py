@@ -96,14 +96,17 @@ def infra_status(topology_path: str | None) -> None:
 
 @infra.command("serve")
 @click.option("--server", required=True, help="POM server name from the topology (pom1)")
+@click.option("--without", multiple=True, metavar="KIND",
+              help="leave this kind to another supervisor (e.g. ignite, when a cache service runs it)")
 @click.option("--ready-timeout", "ready_timeout_s", type=click.FloatRange(10, 3600), default=600.0, show_default=True)
 @topology_option
-def infra_serve(server: str, ready_timeout_s: float, topology_path: str | None) -> None:
+def infra_serve(server: str, without: tuple[str, ...], ready_timeout_s: float, topology_path: str | None) -> None:
     """Run ONE POM server's share of the real servers in the foreground (one host or container per POM
     server): start, wait for, supervise (restart what dies) and, on SIGTERM, stop them."""
     from pom_ha.infra.serve import serve
 
-    restarted = _run(serve(_topology(topology_path), server, ready_timeout_s=ready_timeout_s, echo=click.echo))
+    restarted = _run(serve(_topology(topology_path), server, without=without, ready_timeout_s=ready_timeout_s,
+                           echo=click.echo))
     click.echo(f"{server}: stopped" + (f" (restarted while serving: {', '.join(restarted)})" if restarted else ""))
 
 

@@ -24,21 +24,26 @@ from pom_ha.infra.stack import Stack
 SERVE_ORDER = ("zookeeper", "kafka", "ignite", "activemq")
 
 
-def server_launchers(topo: Topology, server: str) -> list[Launcher]:
-    """This POM server's JVM servers in start order; an unknown server is refused by name."""
+def server_launchers(topo: Topology, server: str, without: tuple[str, ...] = ()) -> list[Launcher]:
+    """This POM server's JVM servers in start order (less the kinds in ``without``, e.g. ``ignite`` where a
+    cache service supervises the node); an unknown server or kind is refused by name."""
     names = [s.name for s in topo.servers]
     if server not in names:
         raise InfraError(f"unknown server {server!r}: the topology {topo.source} has {', '.join(names)}")
+    unknown = [k for k in without if k not in SERVE_ORDER]
+    if unknown:
+        raise InfraError(f"unknown server kind(s) {', '.join(unknown)}: expected some of {', '.join(SERVE_ORDER)}")
     stack = Stack(topo)
-    return [stack.launcher(kind, server) for kind in SERVE_ORDER if kind in topo.server(server).runs]
+    return [stack.launcher(kind, server) for kind in SERVE_ORDER
+            if kind in topo.server(server).runs and kind not in without]
 
 
 async def serve(
-    topo: Topology, server: str, *, ready_timeout_s: float = 600.0, check_interval_s: float = 2.0,
-    stop: asyncio.Event | None = None, echo: Callable[[str], None] = print,
+    topo: Topology, server: str, *, without: tuple[str, ...] = (), ready_timeout_s: float = 600.0,
+    check_interval_s: float = 2.0, stop: asyncio.Event | None = None, echo: Callable[[str], None] = print,
 ) -> list[str]:
     """Start, wait for, supervise and finally stop this server's share; returns the names it restarted."""
-    launchers = server_launchers(topo, server)
+    launchers = server_launchers(topo, server, without)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handlers = []

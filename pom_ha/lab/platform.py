@@ -1,7 +1,9 @@
 """The lab's pom-ha daemons on every POM server, and the demo campaign that dials.
 
-``start_platform`` starts, on every server of the topology and under that server's uid: a media-platform
-simulator, a Rule Engine, a Campaign Director (Common CD + the topology's zones) and a Campaign Manager.
+``start_platform`` starts, on every server of the topology: a cache service (supervising the server's Ignite
+node), a media-platform simulator, a Rule Engine, a Campaign Director (Common CD + the topology's zones), a
+Campaign Manager and an Enriched Attempt Aggregator, each under the server's uid (the cache service as the
+operator, so that it can start its node under that uid).
 ``wait_platform`` waits until each HA component has registered on every server and the singletons have a
 master. ``create_demo`` makes an agentless campaign over a generated list of contacts (imported by the
 Common CD from a CSV file, like an operator's import) and starts it. Everything is idempotent: a second
@@ -28,10 +30,15 @@ from pom_ha.infra.process import InfraError, ProcessRecord, records
 from pom_ha.lab.daemons import start_daemon
 
 # start order: what the others talk to comes first
-PLATFORM_DAEMONS = ("media-simulator", "rule-engine", "campaign-director", "campaign-manager")
-HA_SERVICES = {"rule-engine": "rule_engine", "campaign-director": "campaign_director",
-               "campaign-manager": "campaign_manager"}
-SINGLETONS = ("rule_engine", "campaign_director")
+PLATFORM_DAEMONS = ("cache-service", "media-simulator", "rule-engine", "campaign-director", "campaign-manager",
+                    "event-aggregator")
+HA_SERVICES = {"cache-service": "cache_service", "rule-engine": "rule_engine",
+               "campaign-director": "campaign_director", "campaign-manager": "campaign_manager",
+               "event-aggregator": "event_aggregator"}
+SINGLETONS = ("rule_engine", "campaign_director", "event_aggregator")
+# the cache service starts its server's Ignite node under that server's uid (setpriv), so it runs as the
+# lab operator, like the launchers; every other daemon runs under its server's uid
+AS_OPERATOR = frozenset({"cache-service"})
 DEMO_CAMPAIGN = "demo-agentless"
 DEMO_LIST = "demo-contacts"
 # time zones the demo contacts live in; only those whose local time is inside the default calling
@@ -67,7 +74,7 @@ def start_platform(topo: Topology, topology_file: Path, echo: Callable[[str], No
             if name in running:
                 continue
             started.append(start_daemon(topo, topology_file, server.name, daemon, *daemon_args(topo, daemon),
-                                        name=name))
+                                        name=name, as_server_uid=daemon not in AS_OPERATOR))
         echo(f"  {daemon}: started on {', '.join(s.name for s in topo.servers)}")
     return started
 

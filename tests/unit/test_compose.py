@@ -40,12 +40,14 @@ def test_every_pom_server_runs_its_servers_and_every_platform_daemon(compose: di
     services = compose["services"]
     for server in topo.servers:
         infra = services[f"{server.name}-infra"]
-        assert infra["command"] == ["infra", "serve", "--server", server.name]
+        assert infra["command"] == ["infra", "serve", "--server", server.name, "--without", "ignite"]
         assert infra["network_mode"] == f"service:{server.name}"
+        assert infra["pid"] == f"service:{server.name}", "pid files must be valid across the server's containers"
         for daemon in PLATFORM_DAEMONS:
             svc = services[f"{server.name}-{daemon}"]
             assert svc["command"] == ["run", daemon, "--server", server.name]
             assert svc["network_mode"] == f"service:{server.name}", "a daemon binds its POM server's address"
+            assert svc["pid"] == f"service:{server.name}"
 
 
 def test_commands_daemons_and_references_exist(compose: dict[str, Any]) -> None:
