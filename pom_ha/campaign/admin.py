@@ -259,3 +259,37 @@ def load_definition_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AdminError(f"{p}: a campaign definition is a table/object")
     return data
+
+
+@dataclass(frozen=True)
+class RuntimeTarget:
+    """The Campaign Manager that runs a job now (``ha_assignment``), for a runtime change over ActiveMQ."""
+
+    job_id: int
+    state: str
+    owner_server: str
+    owner_instance: str
+    epoch: int
+
+
+async def runtime_target(conn: Any, job_id: int, action: str) -> RuntimeTarget:
+    """Who must apply a runtime change of ``job_id``; refused at once when no CM runs the job or its state
+    cannot take ``action`` (pacing_rate, pause, resume)."""
+    row = await conn.fetchrow(
+        "SELECT j.state, j.ending, a.owner_server, a.owner_instance, a.epoch FROM jobs j"
+        " LEFT JOIN ha_assignment a ON a.service = 'campaign_manager' AND a.item = 'job:' || j.id WHERE j.id = $1",
+        job_id)
+    if row is None:
+        raise AdminError(f"no job {job_id}")
+    state = str(row["state"])
+    if state in TERMINAL or state == "Stopping":
+        raise AdminError(f"job {job_id} is {state}: runtime changes apply to active jobs only")
+    if action in ("pause", "resume"):
+        try:
+            transition(job_status(state, row["ending"]), COMMAND_EVENTS[action])
+        except InvalidTransition as exc:
+            raise AdminError(f"job {job_id}: {exc}") from None
+    if row["owner_instance"] is None:
+        raise AdminError(f"job {job_id} is not assigned to a Campaign Manager yet (state {state}); "
+                         "a runtime change needs the CM that runs it")
+    return RuntimeTarget(job_id, state, str(row["owner_server"]), str(row["owner_instance"]), int(row["epoch"]))

@@ -186,7 +186,8 @@ def campaign_alarms(show_all: bool, topology_path: str | None) -> None:
 # ---- job ------------------------------------------------------------------------------------------------
 @click.group("job")
 def job() -> None:
-    """Jobs: list them; pause, resume or stop one (applied by the Common CD)."""
+    """Jobs: list them; pause, resume or stop one (applied by the Common CD); change a running one over
+    ActiveMQ (``job set``)."""
 
 
 @job.command("list")
@@ -219,6 +220,48 @@ def _job_command(command: str) -> Callable[..., None]:
 
 for _command in ("pause", "resume", "stop"):
     job.command(_command)(_job_command(_command))
+
+
+@job.command("set")
+@click.argument("job_id", type=int)
+@click.option("--pacing-rate", type=click.FloatRange(min=0, min_open=True, max=100_000), default=None,
+              help="new dialing rate, calls per second")
+@click.option("--pause", "action", flag_value="pause", default=None, help="pause the job")
+@click.option("--resume", "action", flag_value="resume", help="resume the paused job")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.5, max=300), default=10.0, show_default=True,
+              help="seconds to wait for a broker to accept the change and its Campaign Manager to apply it")
+@topology_option
+def job_set(job_id: int, pacing_rate: float | None, action: str | None, timeout_s: float,
+            topology_path: str | None) -> None:
+    """Change a running job now, over ActiveMQ: the Campaign Manager that runs it applies the change and
+    answers (exit 0: applied; 2: refused or not answered, with the reason; nothing was applied then)."""
+    from pom_ha.config import load_topology
+    from pom_ha.ha.logsetup import configure_logging
+    from pom_ha.infra.activemq import stomp_addresses
+    from pom_ha.messaging.runtime import RuntimeChange, RuntimeChangeError, new_request_id, send_runtime_change
+
+    if (pacing_rate is None) == (action is None):
+        _fail("give exactly one of --pacing-rate N, --pause, --resume")
+    configure_logging("WARNING")  # broker failovers on stderr; stdout has the answer only
+    what = "pacing_rate" if pacing_rate is not None else str(action)
+    target = _with_db(topology_path, lambda conn: admin.runtime_target(conn, job_id, what))
+    brokers = stomp_addresses(load_topology(topology_path))
+    if not brokers:
+        _fail("the topology has no ActiveMQ broker")
+    import time
+
+    change = RuntimeChange(job_id=job_id, action=what, request_id=new_request_id(),
+                           owner_instance=target.owner_instance, epoch=target.epoch, pacing_rate=pacing_rate,
+                           expires_ms=int((time.time() + timeout_s) * 1000))
+    try:
+        reply = asyncio.run(send_runtime_change(brokers, change, timeout_s=timeout_s))
+    except RuntimeChangeError as exc:
+        _fail(f"job {job_id}: {exc}")
+        return
+    where = f" by the Campaign Manager on {reply.cm_server}" if reply.cm_server else ""
+    if reply.status != "applied":
+        _fail(f"refused{where}: {reply.detail} (request {change.request_id})")
+    click.echo(f"applied{where}: {reply.detail} (request {change.request_id})")
 
 
 @job.command("export")

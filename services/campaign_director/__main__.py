@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         server=server.name, address=server.address, dsn=dsn, roles=roles, timings=timings,
         http_port=args.http_port, heartbeat_port=args.heartbeat_port, instance_tag=args.instance_tag,
     )
-    return asyncio.run(CampaignDirectorDaemon(config, settings=settings).main())
+    return asyncio.run(CampaignDirectorDaemon(config, settings=settings, topology=topo).main())
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ import contextlib
 import time
 from typing import Any
 
+from pom_ha.config import Topology
 from pom_ha.domain.attempts import SYSTEM_CODES
+from pom_ha.events import EventPublisher
 from pom_ha.ha.daemon import DaemonConfig, HADaemon
 from pom_ha.ha.election import Elector
 from pom_ha.ha.roles import RoleState, ZoneRole
@@ -47,10 +49,14 @@ SERVICE = "campaign_director"
 
 
 class CampaignDirectorDaemon(HADaemon):
-    def __init__(self, config: DaemonConfig, *, settings: CDSettings | None = None) -> None:
+    def __init__(self, config: DaemonConfig, *, settings: CDSettings | None = None,
+                 topology: Topology | None = None) -> None:
         super().__init__(config)
         self.settings = settings or CDSettings()
         self.zone_homes: dict[str, str] = {}
+        self.topology = topology  # for the Event SDK brokers; None: no events
+        self.events: EventPublisher | None = None
+        self.events_failed = 0
 
     @property
     def log(self) -> Any:
@@ -62,6 +68,24 @@ class CampaignDirectorDaemon(HADaemon):
             await (await self.app_db()).fetchval("SELECT 1")
         self.store.subscribe(self._claim_home_zone_now)
         self.spawn(self._refresh_zone_homes(), name="zone-homes")
+        if self.topology is not None and self.topology.servers_running("kafka"):
+            self.spawn(self._open_events(), name="cd-events")
+
+    async def _open_events(self) -> None:
+        from pom_ha.events.daemon_publisher import open_event_publisher
+
+        try:
+            self.events = await open_event_publisher(self.topology, await self.app_db(), service=SERVICE,
+                                                     server=self.config.server, instance=self.config.instance_id,
+                                                     log=self._log) if self.topology is not None else None
+        except Exception:  # events are optional: never stop the director for them
+            self._log.exception("event publisher not started; JOB events are not published")
+
+    async def teardown(self) -> None:
+        if self.events is not None:
+            with contextlib.suppress(Exception):
+                await self.events.stop(3.0)
+        await super().teardown()
 
     async def run_master(self, elector: Elector, term: MasterTerm) -> None:
         ctx = TermContext(self, term)

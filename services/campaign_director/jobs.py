@@ -27,6 +27,8 @@ from pom_ha.domain.campaigns import CampaignDefinition, InvalidCampaign, validat
 from pom_ha.domain.jobs import InvalidTransition, JobEvent, JobState, transition
 from pom_ha.domain.stats import JobStats
 from pom_ha.domain.strategy import FinishCriteria
+from pom_ha.events import EventPublishError
+from pom_ha.events import JobEvent as JobStateEvent
 from pom_ha.ha.assignments import assign, unassign
 from pom_ha.ha.store import Holder
 from services.campaign_director.context import TermContext
@@ -108,7 +110,9 @@ class JobDuties:
     # ---- operator commands --------------------------------------------------------------------------------
     async def apply_commands(self) -> int:
         rows = await self.ctx.fetch(
-            "SELECT c.id, c.job_id, c.command, j.state, j.ending FROM job_commands c JOIN jobs j ON j.id = c.job_id"
+            "SELECT c.id, c.job_id, c.command, j.state, j.ending, j.campaign_id, k.name AS campaign,"
+            " coalesce(k.definition->>'org', 'Default') AS org"
+            " FROM job_commands c JOIN jobs j ON j.id = c.job_id JOIN campaigns k ON k.id = j.campaign_id"
             " WHERE c.state = 'pending' ORDER BY c.id LIMIT 100"
         )
         pool = await self.ctx.pool()
@@ -138,7 +142,25 @@ class JobDuties:
                     r["id"], "applied" if changed is not None else "refused", result, self.ctx.epoch,
                 )
             self.ctx.log.info("job command applied", job_id=r["job_id"], command=r["command"], result=result)
+            if changed is not None:  # after the commit
+                await self.publish_job(int(r["job_id"]), r["org"], int(r["campaign_id"]), r["campaign"], r["state"],
+                                       after.state.value, f"operator {r['command']}")
         return len(rows)
+
+    async def publish_job(self, job_id: int, org: str, campaign_id: int, campaign: str | None, previous: str,
+                          state: str, reason: str) -> None:
+        """A JOB event with this term's epoch, after the state change committed; never waits for Kafka (a
+        full queue or a failed delivery is counted in the publisher / ``events_failed``)."""
+        publisher = self.ctx.daemon.events
+        if publisher is None:
+            return
+        try:
+            event = JobStateEvent(org=org, job_id=job_id, campaign_id=campaign_id, campaign_name=campaign,
+                                  state=state, previous_state=previous, reason=reason)
+            await publisher.publish(event, epoch=self.ctx.epoch, wait_for_room=False)
+        except (EventPublishError, ValueError) as exc:
+            self.ctx.daemon.events_failed += 1
+            self.ctx.log.warning("JOB event not published", job_id=job_id, error=str(exc))
 
     # ---- finish criteria ----------------------------------------------------------------------------------
     def definition(self, campaign_id: int, raw: Any) -> CampaignDefinition | None:
@@ -191,6 +213,8 @@ class JobDuties:
             )
             if result:
                 finished += 1
+                await self.publish_job(int(r["id"]), definition.org, int(r["campaign_id"]), definition.name,
+                                       r["state"], after.state.value, f"finish criteria met: {verdict}")
                 self.ctx.log.info("finish criteria met", job_id=int(r["id"]), reason=verdict,
                                   job_state=f"{r['state']} -> {after.state.value}")
         return finished

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,7 +39,9 @@ class CompletionWriter:
     """Applies completions of one job in batches (arrival order), retrying on database errors."""
 
     def __init__(self, store: JobStore, strategy: RetryStrategy, custom: Iterable[CompletionCode],
-                 metrics: CMMetrics, log: Any, *, max_batch: int = 500, on_done: Callable[[str, int], None]) -> None:
+                 metrics: CMMetrics, log: Any, *, max_batch: int = 500, on_done: Callable[[str, int], None],
+                 on_recorded: Callable[[list[tuple[str, int, str, int | None]]], Awaitable[None]] | None = None,
+                 ) -> None:
         self.store = store
         self.strategy = strategy
         self.custom = list(custom)
@@ -47,6 +49,7 @@ class CompletionWriter:
         self.log = log
         self.max_batch = max_batch
         self.on_done = on_done
+        self.on_recorded = on_recorded  # after the commit: events and published results (never raises)
         self.queue: asyncio.Queue[Completion] = asyncio.Queue()
         self.busy = False
 
@@ -88,7 +91,13 @@ class CompletionWriter:
             done, updates = resolve_completions(
                 store.job_id, store.fence.epoch, self.strategy, rows, {k: c.code for k, c in latest.items()}, now,
                 self.custom, {k: c.retry_at for k, c in latest.items() if c.retry_at is not None})
-            await store.complete(conn, [(c, n, code, latest[(c, n)].duration_ms) for c, n, code in done], updates)
+            recorded = [(c, n, str(code), latest[(c, n)].duration_ms) for c, n, code in done]
+            await store.complete(conn, recorded, updates)
+        if self.on_recorded is not None and recorded:
+            try:
+                await self.on_recorded(recorded)
+            except Exception:  # reporting never stops recording
+                self.log.exception("reporting recorded outcomes failed")
         late = len(latest) - len(done)
         self.metrics.outcomes.labels("recorded").inc(len(done))
         self.metrics.count("outcomes_recorded", len(done))

@@ -25,12 +25,16 @@ from pom_ha.ha.assignments import Assignment, assignments
 from pom_ha.ha.daemon import DaemonConfig, HADaemon
 from pom_ha.media.client import Address, MediaClient
 from pom_ha.media.protocol import Outcome
+from pom_ha.messaging.runtime import RESULTS_TOPIC
+from pom_ha.messaging.stomp import StompClient
 from services.campaign_manager.completions import DB_ERRORS
 from services.campaign_manager.decisions import classify_outcome, job_of_item
 from services.campaign_manager.job_runner import JobRunner, RunnerOptions
 from services.campaign_manager.job_store import JobStore
 from services.campaign_manager.listen import AssignmentListener
 from services.campaign_manager.metrics import CMMetrics
+from services.campaign_manager.outbound import Outbound
+from services.campaign_manager.runtime_control import RuntimeControl
 
 SERVICE = "campaign_manager"
 
@@ -43,6 +47,8 @@ class CMOptions:
     # need more than the lease-timed store calls, and the fence is checked in the statement anyway
     db_timeout_s: float = 5.0
     runner: RunnerOptions = field(default_factory=RunnerOptions)
+    activemq: bool = True  # runtime changes and published results over ActiveMQ (when the topology has brokers)
+    results_destination: str = RESULTS_TOPIC
 
 
 @dataclass
@@ -68,6 +74,9 @@ class CampaignManagerDaemon(HADaemon):
         self.re: RuleEngineClient | None = None
         self.media: MediaClient | None = None
         self.listener: AssignmentListener | None = None
+        self.stomp: StompClient | None = None
+        self.runtime: RuntimeControl | None = None
+        self.outbound: Outbound | None = None
         self._cm_log = self._log.bind(service=SERVICE)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -86,13 +95,41 @@ class CampaignManagerDaemon(HADaemon):
         await self.media.start()
         self.listener = AssignmentListener(self.config.dsn, self._on_assignment, self._poke, timeout_s=t)
         self.listener.start()
+        await self._start_messaging()
         self.spawn(self._warm_pool(), name="cm-warm-pool")
         self.spawn(self._reconcile(), name="cm-assignments")
         self.spawn(self._observe(), name="cm-observe")
 
+    async def _start_messaging(self) -> None:
+        """ActiveMQ (runtime changes in, results out) and the Event SDK publisher: both optional, neither
+        ever in the dial path; a CM whose brokers are all down dials as usual."""
+        from pom_ha.infra.activemq import stomp_addresses
+
+        brokers = stomp_addresses(self.topology) if self.options.activemq else []
+        if brokers:
+            self.stomp = StompClient(brokers, name=f"cm-{self.config.server}-{self.config.instance_id}")
+            self.runtime = RuntimeControl(self.stomp, server=self.config.server, instance=self.config.instance_id,
+                                          runner_of=self._runner_of, log=self._cm_log)
+            await self.runtime.start()
+            await self.stomp.start()
+        self.outbound = Outbound(topology=self.topology, server=self.config.server, instance=self.config.instance_id,
+                                 pool=self._pool, log=self._cm_log, stomp=self.stomp,
+                                 results_destination=self.options.results_destination)
+        self.outbound.start()
+
+    def _runner_of(self, job: int) -> JobRunner | None:
+        held = self.jobs.get(job)
+        return held.runner if held is not None and not held.task.done() and held.runner.active else None
+
     async def teardown(self) -> None:
         if self.listener is not None:
             await self.listener.close()
+        if self.outbound is not None:
+            with contextlib.suppress(Exception):
+                await self.outbound.stop()
+        if self.stomp is not None:
+            with contextlib.suppress(Exception):
+                await self.stomp.close()
         for client in (self.re, self.media):
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -172,7 +209,7 @@ class CampaignManagerDaemon(HADaemon):
         assert self.re is not None and self.media is not None
         store = JobStore(self._pool, a, job, self.config.server, timeout_s=self.options.db_timeout_s)
         runner = JobRunner(store, rule_engine=self.re, media=self.media, metrics=self.cm_metrics,
-                           log=self._cm_log, options=self.options.runner)
+                           log=self._cm_log, options=self.options.runner, outbound=self.outbound)
         task = asyncio.create_task(runner.run(), name=f"job-{job}")
         task.add_done_callback(lambda _t: self._wake.set())
         self.jobs[job] = _Held(a, runner, task)
@@ -228,5 +265,9 @@ class CampaignManagerDaemon(HADaemon):
             },
             "media": {"connected": self.media is not None and self.media.connected_to is not None,
                       "in_flight": self.media.in_flight if self.media is not None else 0},
+            "outbound": self.outbound.info() if self.outbound is not None else None,
+            "runtime_changes": None if self.runtime is None else {
+                "applied": self.runtime.applied, "refused": self.runtime.refused,
+                "duplicates": self.runtime.duplicates},
         }
         return body

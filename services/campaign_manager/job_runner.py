@@ -22,6 +22,9 @@ from typing import Any
 from pom_ha.clients.rule_engine import RuleEngineClient, RuleEngineRefused, RuleEngineUnavailable, Verdict
 from pom_ha.domain.attempts import CompletionCode, ContactHistory
 from pom_ha.domain.campaigns import CampaignDefinition, InvalidCampaign, validate_campaign
+from pom_ha.domain.jobs import InvalidTransition, JobState, JobStatus, transition
+from pom_ha.domain.jobs import JobEvent as JobTransition
+from pom_ha.domain.pacing import TimeBasedPacer
 from pom_ha.domain.stats import JobStats
 from pom_ha.domain.strategy import RetryStrategy
 from pom_ha.media.client import MediaClient, MediaUnavailable
@@ -50,6 +53,8 @@ from services.campaign_manager.job_store import (
     WriteConflict,
 )
 from services.campaign_manager.metrics import CMMetrics
+from services.campaign_manager.outbound import Outbound
+from services.campaign_manager.runtime_control import RuntimeRefused
 
 TERMINAL = ("Completed", "Stopped")
 
@@ -66,7 +71,7 @@ class RunnerOptions:
 
 class JobRunner:
     def __init__(self, store: JobStore, *, rule_engine: RuleEngineClient, media: MediaClient, metrics: CMMetrics,
-                 log: Any, options: RunnerOptions | None = None) -> None:
+                 log: Any, options: RunnerOptions | None = None, outbound: Outbound | None = None) -> None:
         self.store = store
         self.job_id = store.job_id
         self.epoch = store.fence.epoch
@@ -89,6 +94,10 @@ class JobRunner:
         self._media_wait_until = 0.0
         self._media_lost = False
         self._progress: Progress | None = None  # the latest contact counts, read beside the dial loop
+        self.outbound = outbound
+        self.org = "Default"
+        self._campaign: tuple[int | None, str | None] = (None, None)
+        self.pacing_rate: float | None = None  # runtime override (calls per second), from jobs.pacing_rate
 
     @property
     def active(self) -> bool:
@@ -157,9 +166,12 @@ class JobRunner:
         if info is None:
             return "job deleted"
         self._list_id = info.list_id
+        self.pacing_rate = info.pacing_rate
         definition: CampaignDefinition | None = None
         try:
             definition = validate_campaign(info.definition)
+            self.org = definition.org
+            self._campaign = (info.campaign_id, definition.name)
         except (InvalidCampaign, TypeError, ValueError) as exc:
             self.log.error("campaign definition invalid, the job is stopped", error=str(exc))
         if self.writer is None:
@@ -175,16 +187,16 @@ class JobRunner:
             self.state, ending = current
             if self._refilter and self.state == "Running":
                 # the taker's view of the contacts is rebuilt before it dials (JobEvent.TAKEOVER)
-                await self.store.set_state("Running", "Filter in Progress", reason="taken over, filtering again")
+                await self._set_state("Running", "Filter in Progress", reason="taken over, filtering again")
                 self._refilter = False
                 self._taken_running = True
                 continue
             self._refilter = self._refilter and self.state in ("Queued", "Paused")
             if definition is None and self.state in ("Queued", "Filter in Progress", "Running", "Paused"):
-                await self.store.set_state(self.state, "Stopping", ending="Stopped",
+                await self._set_state(self.state, "Stopping", ending="Stopped",
                                            reason="invalid campaign definition")
             elif self.state == "Queued":
-                await self.store.set_state("Queued", "Filter in Progress", reason="campaign manager filtering")
+                await self._set_state("Queued", "Filter in Progress", reason="campaign manager filtering")
             elif self.state == "Filter in Progress" and self._taken_running:
                 # taken over while Running: its contacts were filtered by a previous owner and every attempt
                 # in flight is resolved, so it dials again at once; the list is re-read beside the dial loop
@@ -193,13 +205,13 @@ class JobRunner:
                 await self.store.unstick()
                 if self._catch_up is None:
                     self._catch_up = self._spawn(self._add_missing(info.list_id), f"job-{self.job_id}-refilter")
-                await self.store.set_state("Filter in Progress", "Running",
+                await self._set_state("Filter in Progress", "Running",
                                            reason="taken over: filtered, the list is re-read while dialing")
                 self._taken_running = False
                 self.log.info("job taken over running, dialing again; the list is re-read meanwhile")
             elif self.state == "Filter in Progress":
                 added = await self.store.filter_contacts(info.list_id)
-                await self.store.set_state("Filter in Progress", "Running", reason="filtered")
+                await self._set_state("Filter in Progress", "Running", reason="filtered")
                 self.log.info("contacts filtered, job running", added=added)
             elif self.state == "Running" and definition is not None:
                 await self._dial(definition)
@@ -211,20 +223,66 @@ class JobRunner:
                 self.log.info("job ended", state=self.state)
                 return self.state
 
+    async def _set_state(self, from_state: str, to_state: str, *, ending: str | None = None,
+                         reason: str | None = None) -> bool:
+        """The store's compare-and-set; a change that landed is published as a JOB event (after the commit)."""
+        changed = await self.store.set_state(from_state, to_state, ending=ending, reason=reason)
+        if changed and self.outbound is not None:
+            await self.outbound.job_state(self.job_id, self.epoch, self.org, campaign_id=self._campaign[0],
+                                          campaign_name=self._campaign[1], previous=from_state, state=to_state,
+                                          reason=reason)
+        return changed
+
+    async def apply_runtime_change(self, action: str, rate: float | None, request_id: str) -> str:
+        """A runtime change received over ActiveMQ (RuntimeControl): returns what was done, raises
+        RuntimeRefused when nothing was. Pause/resume are the compare-and-set the Director uses."""
+        self._check()
+        current = await self.store.state()
+        if current is None:
+            raise RuntimeRefused(f"job {self.job_id} does not exist any more")
+        state, ending = current
+        if action == "pacing_rate":
+            if state in ("Stopping", *TERMINAL):
+                raise RuntimeRefused(f"job {self.job_id} is {state}: its pacing rate cannot change")
+            assert rate is not None
+            old = self.pacing_rate
+            await self.store.set_pacing_rate(rate)
+            self.pacing_rate = rate
+            return f"pacing rate of job {self.job_id} set to {rate:g} calls/s" + (
+                f" (was {old:g})" if old is not None else " (was the campaign's)")
+        event = JobTransition.PAUSE if action == "pause" else JobTransition.RESUME
+        try:
+            status = JobStatus(JobState(state), ending=JobState(ending or "Stopped")) if state == "Stopping" \
+                else JobStatus(JobState(state))
+            after = transition(status, event)
+        except (InvalidTransition, ValueError) as exc:
+            raise RuntimeRefused(f"job {self.job_id}: {exc}") from None
+        to_state = after.state.value
+        if not await self._set_state(state, to_state, ending=after.ending.value if after.ending else None,
+                                     reason=f"operator {action} over ActiveMQ (request {request_id[:8]})"):
+            raise RuntimeRefused(f"job {self.job_id} changed state meanwhile (was {state}); {action} not applied")
+        return f"job {self.job_id}: {state} -> {to_state}"
+
     async def _take_over(self, strategy: RetryStrategy, custom: list[CompletionCode]) -> None:
         writer = CompletionWriter(self.store, strategy, custom, self.metrics, self.log, max_batch=self.opts.max_batch,
-                                  on_done=self.in_flight.done)
+                                  on_done=self.in_flight.done, on_recorded=self._recorded)
         resolved = await resolve_in_flight(self.store, writer.strategy, writer.custom)
         self.writer = writer
         self._spawn(writer.run(), f"job-{self.job_id}-outcomes")
         self._spawn(self._watch_overdue(), f"job-{self.job_id}-overdue")
         self._spawn(self._claim([r[2] for r in resolved if r[2]]), f"job-{self.job_id}-claim")
         if resolved:
+            # the previous owner's attempts end here: their RESULT events come from the taker
+            await self._recorded([(r[0], r[1], CompletionCode.CALL_FAILOVER.name, None) for r in resolved])
             self.metrics.failover_resolved.inc(len(resolved))
             self.metrics.count("failover_resolved", len(resolved))
             owners = sorted({f"{r[3]}@{r[4]}" for r in resolved})
             self.log.info("took over job: in-flight attempts resolved as CALL_FAILOVER", count=len(resolved),
                           previous=owners)
+
+    async def _recorded(self, done: list[tuple[str, int, str, int | None]]) -> None:
+        if self.outbound is not None:
+            await self.outbound.recorded(self.job_id, self.epoch, self.org, done)
 
     async def _claim(self, old_calls: list[str]) -> None:
         """Make the platform report this job's calls here (held outcomes of older epochs arrive and are
@@ -260,14 +318,14 @@ class JobRunner:
                 return
             assert self.writer is not None
             if self.writer.idle and await self.store.in_flight_count() == 0:
-                if await self.store.set_state("Stopping", ending, ending=ending):
+                if await self._set_state("Stopping", ending, ending=ending):
                     self.log.info("job settled", ending=ending)
                 return
             await asyncio.sleep(0.05)
 
     # ---- dialing -----------------------------------------------------------------------------------------
     async def _dial(self, definition: CampaignDefinition) -> None:
-        pacer = definition.pacer()
+        pacer = self._pacer(definition)
         tick = min(0.1, max(0.01, pacer.burst / pacer.rate / 2))
         next_state = next_sweep = 0.0
         # the contact counts (a scan of every contact of the job: 100-200 ms at 200,000 contacts) are read
@@ -286,11 +344,15 @@ class JobRunner:
                     if current is None or current[0] != "Running":
                         return
                     next_state = now + self.opts.state_poll_s
+                if self.pacing_rate is not None and self.pacing_rate != pacer.rate:
+                    pacer = self._pacer(definition)  # a runtime change: the new rate from this tick on
+                    tick = min(0.1, max(0.01, pacer.burst / pacer.rate / 2))
+                    self.log.info("pacing rate changed", calls_per_second=pacer.rate)
                 progress = self._progress
                 if progress is not None and progress.pending == 0 and progress.dialing == 0 and self._idle():
                     progress = await self.store.progress()  # confirmed on a fresh read, in this task
                     if progress.pending == 0 and progress.dialing == 0 and self._idle():
-                        if await self.store.set_state("Running", "Stopping", ending="Completed",
+                        if await self._set_state("Running", "Stopping", ending="Completed",
                                                       reason="all contacts done"):
                             self.log.info("all contacts done, job stopping", contacts=progress.total)
                         return
@@ -308,6 +370,11 @@ class JobRunner:
                 await asyncio.sleep(max(0.0, now + tick - time.monotonic()))  # a slow batch eats into its tick
         finally:
             watcher.cancel()
+
+    def _pacer(self, definition: CampaignDefinition) -> TimeBasedPacer:
+        if self.pacing_rate is None:
+            return definition.pacer()
+        return TimeBasedPacer(calls_per_second=self.pacing_rate, max_in_flight=definition.pacing.max_in_flight)
 
     def _idle(self) -> bool:
         """No outcome waits to be recorded and no re-read of the list is still running."""
@@ -354,11 +421,15 @@ class JobRunner:
         self.in_flight.ended_since_sweep.clear()
         ours = await self.store.ours_dialing()
         unknown = set(self.in_flight.unknown([(a.contact_id, a.attempt_no) for a in ours]))
+        sent: list[tuple[str, int, str]] = []
         for a in ours:
             if (a.contact_id, a.attempt_no) in unknown:
                 self.log.warning("attempt written but its DIAL not sent: sending it", call=a.call_id)
                 self.in_flight.add(a.contact_id, a.attempt_no)
                 self._spawn(self._send(a), f"dial-{a.call_id}")
+                sent.append((a.contact_id, a.attempt_no, a.call_id))
+        if sent and self.outbound is not None:  # their DIALED events were not published with the lost commit
+            await self.outbound.dialed(self.job_id, self.epoch, self.org, sent)
 
     async def _media_ready(self, now: float) -> bool:
         """No new attempts while no media platform is connected or it just refused a DIAL as down: they
@@ -408,6 +479,9 @@ class JobRunner:
             if out:
                 self.log.info("contacts filtered out", count=len(out), first=out[0].contact_id, reason=out[0].reason)
         await self.store.start_attempts(new)  # attempt rows first, fenced, then the DIALs
+        if new and self.outbound is not None:
+            await self.outbound.dialed(self.job_id, self.epoch, self.org, [(a.contact_id, a.attempt_no, a.call_id)
+                                                                          for a in new])
         self.metrics.attempts.inc(len(new))
         self.metrics.count("attempts", len(new))
         for a in new:

@@ -36,6 +36,7 @@ class JobInfo:
     state: str
     ending: str | None
     definition: Any  # the campaign's JSON definition
+    pacing_rate: float | None = None  # a runtime override (calls per second), migration 0008
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,7 @@ class Progress:
 
 
 SQL_JOB = """
-SELECT j.id, j.campaign_id, j.list_id, j.state, j.ending, c.definition
+SELECT j.id, j.campaign_id, j.list_id, j.state, j.ending, c.definition, j.pacing_rate
   FROM jobs j JOIN campaigns c ON c.id = j.campaign_id WHERE j.id = $1
 """
 SQL_STATE = "SELECT state, ending FROM jobs WHERE id = $1"
@@ -109,6 +110,7 @@ UPDATE jobs SET state = $2, ending = $4, state_reason = coalesce($5, state_reaso
        ended_at = CASE WHEN $2 IN ('Completed', 'Stopped') THEN now() ELSE ended_at END
  WHERE id = $1 AND state = $3 AND {fence}
 """
+W_SET_RATE = "UPDATE jobs SET pacing_rate = $2, updated_at = now() WHERE id = $1 AND {fence}"
 SQL_CHUNK_END = """
 SELECT contact_id FROM contacts WHERE list_id = $1 AND contact_id > $2 ORDER BY contact_id OFFSET $3 LIMIT 1
 """
@@ -191,8 +193,9 @@ class JobStore:
         definition = row["definition"]
         if isinstance(definition, str | bytes):  # jsonb without a codec arrives as text
             definition = json.loads(definition)
+        rate = row["pacing_rate"]
         return JobInfo(int(row["id"]), int(row["campaign_id"]), int(row["list_id"]), row["state"], row["ending"],
-                       definition)
+                       definition, None if rate is None else float(rate))
 
     async def state(self) -> tuple[str, str | None] | None:
         row = await self.pool.fetchrow(SQL_STATE, self.job_id, timeout=self.timeout_s)
@@ -226,6 +229,11 @@ class JobStore:
         async with self.pool.acquire(timeout=self.timeout_s) as conn:
             result = await self._fenced(conn, W_SET_STATE, self.job_id, to_state, from_state, ending, reason)
         return result.rows == 1
+
+    async def set_pacing_rate(self, rate: float | None) -> None:
+        """Record a runtime pacing rate (calls per second; None: the campaign's) under the fence."""
+        async with self.pool.acquire(timeout=self.timeout_s) as conn:
+            await self._fenced(conn, W_SET_RATE, self.job_id, rate)
 
     async def filter_contacts(self, list_id: int, chunk: int = FILTER_CHUNK) -> int:
         """Add the list's contacts that the job does not have yet (:meth:`add_missing`), then put contacts
