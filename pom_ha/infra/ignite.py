@@ -86,7 +86,10 @@ def discovery_addresses(topo: Topology) -> list[str]:
 class IgniteLauncher(Launcher):
     kind = "ignite"
     start_timeout_s: ClassVar[float] = 120.0
-    failure_detection_ms: ClassVar[int] = 3000
+    # 3 s split a loaded 2-core lab machine's cluster into single-node "clusters" (a ring message late by
+    # a few seconds reads as a dead neighbour, then SEGMENTATION halts); a killed node is still seen at once
+    # (its sockets close), only a silent one waits this long
+    failure_detection_ms: ClassVar[int] = 10000
     client_failure_detection_ms: ClassVar[int] = 5000
     probe_timeout_s: ClassVar[float] = 3.0
 

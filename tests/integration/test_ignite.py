@@ -72,6 +72,11 @@ async def test_replicated_entry_survives_node_kill_and_node_rejoins(stack: Stack
     nodes = [ignite(launcher) for launcher in stack.launchers("ignite")]
     assert len(nodes) >= 2, "the lab topology needs at least two ignite nodes"
     a, b = nodes[0], nodes[1]
+
+    async def whole() -> bool:  # earlier tests of the session kill and freeze nodes: start from one cluster
+        return all(n.topology_servers() == len(nodes) and await n.probe() for n in nodes)
+
+    await until(whole, "every ignite node in one cluster before the test", deadline_s=180)
     key, value = f"k-{uuid.uuid4().hex}", f"v-{uuid.uuid4().hex}"
     everyone = thin_client_addresses(stack.topo)
     assert (a.address, a.thin_client_port) in everyone
