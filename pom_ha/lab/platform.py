@@ -2,8 +2,8 @@
 
 ``start_platform`` starts, on every server of the topology: a cache service (supervising the server's Ignite
 node), a media-platform simulator, a Rule Engine, a Campaign Director (Common CD + the topology's zones), a
-Campaign Manager and an Enriched Attempt Aggregator, each under the server's uid (the cache service as the
-operator, so that it can start its node under that uid).
+Campaign Manager, an Agent Manager (the topology's zones) and an Enriched Attempt Aggregator, each under
+the server's uid (the cache service as the operator, so that it can start its node under that uid).
 ``wait_platform`` waits until each HA component has registered on every server and the singletons have a
 master. ``create_demo`` makes an agentless campaign over a generated list of contacts (imported by the
 Common CD from a CSV file, like an operator's import) and starts it. Everything is idempotent: a second
@@ -31,10 +31,10 @@ from pom_ha.lab.daemons import start_daemon
 
 # start order: what the others talk to comes first
 PLATFORM_DAEMONS = ("cache-service", "media-simulator", "rule-engine", "campaign-director", "campaign-manager",
-                    "event-aggregator")
+                    "agent-manager", "event-aggregator")
 HA_SERVICES = {"cache-service": "cache_service", "rule-engine": "rule_engine",
                "campaign-director": "campaign_director", "campaign-manager": "campaign_manager",
-               "event-aggregator": "event_aggregator"}
+               "agent-manager": "agent_manager", "event-aggregator": "event_aggregator"}
 SINGLETONS = ("rule_engine", "campaign_director", "event_aggregator")
 # the cache service starts its server's Ignite node under that server's uid (setpriv), so it runs as the
 # lab operator, like the launchers; every other daemon runs under its server's uid
