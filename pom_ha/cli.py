@@ -16,6 +16,7 @@ from pom_ha.config import ConfigError, Topology, load_topology
 from pom_ha.infra.process import InfraError
 from pom_ha.kafka.cli import kafka_group
 from pom_ha.lab.cli import lab as lab_group
+from pom_ha.zones.cli import zone_group
 
 T = TypeVar("T")
 
@@ -296,6 +297,8 @@ for _group in CAMPAIGN_COMMANDS:
 main.add_command(kafka_group)
 # ---- lab: the whole local lab with every daemon and the demo campaign (pom_ha/lab/cli.py) -------------------
 main.add_command(lab_group)
+# ---- zone: Agent Manager zone allocation, "Save" and "Save and Apply" (pom_ha/zones/cli.py) ------------------
+main.add_command(zone_group)
 
 
 if __name__ == "__main__":

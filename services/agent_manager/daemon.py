@@ -5,7 +5,7 @@ The desktop listener runs on every AM, master or not. A ``LOGIN`` for a zone thi
 that zone's :class:`ZoneRuntime`; a zone it does not hold is refused with ``ERROR zone_unavailable`` naming
 the zone and, when the lease shows one, the master's desktop address (the client tries the next address).
 A recovered AM stays DORMANT: the HA core never takes a lease from a live master, and nothing here
-releases one (moving a zone back is the administrator's "Save and Apply", not built yet).
+releases one on its own: moving a zone is the administrator's "Save and Apply" (``zone_config.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pom_ha.ha.election import Elector
 from pom_ha.ha.store import StatusStoreError
 from pom_ha.ha.term import MasterTerm
 from services.agent_manager.zone import ZoneRuntime
+from services.agent_manager.zone_config import ZoneConfigWatcher
 
 SERVICE = "agent_manager"
 BIND_RETRIES = 40
@@ -102,9 +103,15 @@ class AgentManagerDaemon(HADaemon):
         self.sessions: set[Session] = set()
         self.refused_logins = 0
         self._server: asyncio.Server | None = None
+        self.zone_config = ZoneConfigWatcher(self)
 
     # ---- HA hooks -------------------------------------------------------------------------------------------
     async def setup(self) -> None:
+        # before the electors start cycling (HADaemon._start calls setup first): the claim gate of
+        # "Save and Apply" (services/agent_manager/zone_config.py)
+        self.zone_config.install([e for e in self.electors if e.service == SERVICE],
+                                 self.timings.claim_spread_ms / 1000)
+        self.spawn(self.zone_config.run(), name="zone-config")
         for attempt in range(BIND_RETRIES):
             try:
                 self._server = await asyncio.start_server(
@@ -239,6 +246,12 @@ class AgentManagerDaemon(HADaemon):
                 reason=f"zone {zone!r} is not a zone of this deployment; known: {self.zone_names}"))
             return
         runtime = self.runtimes.get(zone)
+        if runtime is not None and runtime.resetting:
+            self.refused_logins += 1
+            await session.send(ErrorFrame(
+                req=frame.req, code="zone_unavailable", fatal=False,
+                reason=f"zone {zone}: being handed to its allocated server (Save and Apply); try the next address"))
+            return
         if runtime is None or not runtime.term.active:
             self.refused_logins += 1
             await session.send(ErrorFrame(req=frame.req, code="zone_unavailable", fatal=False,

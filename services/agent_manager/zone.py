@@ -196,6 +196,7 @@ class ZoneRuntime:
         self._req = itertools.count(1)
         self._commands = asyncio.Event()
         self.report: TakeoverReport | None = None
+        self.resetting = False  # "Save and Apply": logins are refused while the zone is handed over
         self._log = log.bind(zone=self.zone, epoch=self.epoch, server=daemon.config.server)
 
     # ---- persistence --------------------------------------------------------------------------------------
@@ -442,6 +443,35 @@ class ZoneRuntime:
                     zone=self.zone, reason=f"zone {self.zone}: {self.daemon.config.server} is taking the zone over"))
                 self.reconnected.setdefault(frame.agent_id, time.monotonic())
                 self._reconnect.set()
+
+    async def reset(self, reason: Any, detail: str, *, keep_closed: bool) -> int | None:
+        """Force every logged-in agent of the zone out (``FORCED_LOGOUT reason``), persisted first; with
+        ``keep_closed`` logins stay refused afterwards (the zone is about to be released). The number of
+        agents logged out, or None when the fence was lost (no longer master)."""
+        async with self.lock:
+            self.resetting = True
+            count = 0
+            for agent_id, rec in list(self.agents.items()):
+                if not rec.snap.logged_in:
+                    continue
+                new = replace(rec, snap=AgentSnapshot(agent_id, self.zone), nailed=False, login_time=None)
+                if rec.snap.call_id is not None:
+                    new.last_completion_code, new.last_closed_call_id = "ZONE_RESET", rec.snap.call_id
+                if not await self.persist(new):
+                    return None
+                self.agents[agent_id] = new
+                count += 1
+            for agent_id, session in list(self.sessions.items()):
+                self.sessions.pop(agent_id, None)
+                await session.send(ForcedLogout(reason=reason, detail=detail[:2000]))
+                session.detach()
+                session.close()
+            if not keep_closed:
+                self.resetting = False
+            return count
+
+    def reopen(self) -> None:
+        self.resetting = False
 
     def session_closed(self, session: Session) -> None:
         if session.agent_id is not None and self.sessions.get(session.agent_id) is session:

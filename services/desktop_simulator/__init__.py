@@ -1,0 +1,1 @@
+"""Desktop simulator: N bot agents of one zone speaking the real desktop protocol."""
