@@ -74,7 +74,10 @@ async def test_replicated_entry_survives_node_kill_and_node_rejoins(stack: Stack
     a, b = nodes[0], nodes[1]
 
     async def whole() -> bool:  # earlier tests of the session kill and freeze nodes: start from one cluster
-        return all(n.topology_servers() == len(nodes) and await n.probe() for n in nodes)
+        for n in nodes:
+            if n.topology_servers() != len(nodes) or not await n.probe():
+                return False
+        return True
 
     await until(whole, "every ignite node in one cluster before the test", deadline_s=180)
     key, value = f"k-{uuid.uuid4().hex}", f"v-{uuid.uuid4().hex}"
