@@ -13,37 +13,28 @@ import asyncio
 import sys
 
 from pom_ha.cache.client import OperationalCache, quiet_pyignite_logs
-from pom_ha.config import ConfigError, load_topology
+from pom_ha.config import ConfigError
 from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.logsetup import configure_logging
+from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
 from pom_ha.ha.roles import PoolMember
-from pom_ha.ha.settings import load_timings
 from pom_ha.infra.ignite import IgniteLauncher
 from services.cache_service.daemon import SERVICE, CacheServiceDaemon
 from services.cache_service.supervisor import NodeSupervisor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="cache-service", description=__doc__)
-    p.add_argument("--server", required=True, help="POM server name from the topology (pom1)")
-    p.add_argument("--topology", default=None, help="topology file (default config/lab.toml or POM_TOPOLOGY)")
-    p.add_argument("--http-port", type=int, default=0, help="/health and /metrics port (0 = ephemeral)")
-    p.add_argument("--instance-tag", default=None, help="free-form tag (the lab uses it to find the process)")
+    p = daemon_parser("cache-service", __doc__, heartbeat=False)
     p.add_argument("--check-interval-ms", type=int, default=500, help="node health check interval")
     p.add_argument("--stagger-s", type=float, default=10.0,
                    help="whole-cluster start: the N-th server waits up to N x this for a peer to join")
     p.add_argument("--stop-node-on-exit", action="store_true", help="stop the local Ignite node on exit")
-    p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(args.log_level)
     try:
-        topo = load_topology(args.topology)
-        server = topo.server(args.server)
-        timings = load_timings()
+        topo, server, timings = load_daemon_context(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

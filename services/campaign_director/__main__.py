@@ -12,25 +12,18 @@ import sys
 
 import asyncpg
 
-from pom_ha.config import ConfigError, load_topology
+from pom_ha.config import ConfigError
 from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.logsetup import configure_logging
+from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
 from pom_ha.ha.roles import RoleKind, SingletonRole, ZoneRole
-from pom_ha.ha.settings import load_timings
 from services.campaign_director.daemon import SERVICE, CampaignDirectorDaemon
 from services.campaign_director.settings import load_settings
 from services.campaign_director.zones import ZONE_SERVICE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="campaign-director", description=__doc__)
-    p.add_argument("--server", required=True, help="POM server name from the topology (pom1)")
-    p.add_argument("--topology", default=None, help="topology file (default config/lab.toml or POM_TOPOLOGY)")
+    p = daemon_parser("campaign-director", __doc__)
     p.add_argument("--zone", action="append", default=[], help="lead this zone's director role (repeatable)")
-    p.add_argument("--http-port", type=int, default=0, help="/health and /metrics port (0 = ephemeral)")
-    p.add_argument("--heartbeat-port", type=int, default=0, help="heartbeat server port (0 = ephemeral)")
-    p.add_argument("--instance-tag", default=None, help="free-form tag (the lab uses it to find the process)")
-    p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
@@ -50,11 +43,8 @@ async def _zones_in_database(dsn: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(args.log_level)
     try:
-        topo = load_topology(args.topology)
-        server = topo.server(args.server)
-        timings = load_timings()
+        topo, server, timings = load_daemon_context(args)
         settings = load_settings()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,32 +7,26 @@ import argparse
 import asyncio
 import sys
 
-from pom_ha.config import ConfigError, Topology, load_topology
+from pom_ha.config import ConfigError, Topology
 from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.logsetup import configure_logging
+from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
 from pom_ha.ha.roles import PoolMember
-from pom_ha.ha.settings import load_timings
 from pom_ha.media.client import Address
 from services.campaign_manager.daemon import SERVICE, CampaignManagerDaemon, CMOptions
 from services.campaign_manager.job_runner import RunnerOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="campaign-manager", description=__doc__)
-    p.add_argument("--server", required=True, help="POM server name from the topology (pom1)")
-    p.add_argument("--topology", default=None, help="topology file (default config/lab.toml or POM_TOPOLOGY)")
+    p = daemon_parser("campaign-manager", __doc__, heartbeat=False)
     p.add_argument("--media", action="append", default=[], metavar="HOST:PORT",
                    help="media platform address, in order of preference (repeatable; default: every server of "
                         "the topology at ports.media_simulator)")
-    p.add_argument("--http-port", type=int, default=0, help="/health and /metrics port (0 = ephemeral)")
     p.add_argument("--reconcile-interval-s", type=float, default=5.0,
                    help="re-read the job assignments this often even without a NOTIFY")
     p.add_argument("--attempt-timeout-s", type=float, default=600.0,
                    help="an attempt without an outcome this long is recorded as a network failure")
     p.add_argument("--re-timeout-s", type=float, default=1.0,
                    help="a Rule Engine evaluation not answered within this pauses dialing")
-    p.add_argument("--instance-tag", default=None, help="free-form tag (the lab uses it to find the process)")
-    p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
@@ -50,11 +44,8 @@ def media_addresses(topo: Topology, raw: list[str]) -> list[Address]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(args.log_level)
     try:
-        topo = load_topology(args.topology)
-        server = topo.server(args.server)
-        timings = load_timings()
+        topo, server, timings = load_daemon_context(args)
         media = media_addresses(topo, args.media)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,32 @@
+"""The command line every daemon shares (`python -m services.<name>`, `pom-ha run <name>`): the options each
+one has (`--server`, `--topology`, `--http-port`, `--heartbeat-port`, `--instance-tag`, `--log-level`) and
+the loading of the topology, the server and the HA timings. A daemon adds its own options to the parser."""
+
+from __future__ import annotations
+
+import argparse
+
+from pom_ha.config import ServerSection, Topology, load_topology
+from pom_ha.ha.logsetup import configure_logging
+from pom_ha.ha.settings import HATimings, load_timings
+
+
+def daemon_parser(prog: str, description: str | None, *, heartbeat: bool = True) -> argparse.ArgumentParser:
+    """A parser with the common options; ``heartbeat=False`` for daemons without an elected role."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--server", required=True, help="POM server name from the topology (pom1)")
+    p.add_argument("--topology", default=None, help="topology file (default config/lab.toml or POM_TOPOLOGY)")
+    p.add_argument("--http-port", type=int, default=0, help="/health and /metrics port (0 = ephemeral)")
+    if heartbeat:
+        p.add_argument("--heartbeat-port", type=int, default=0, help="heartbeat server port (0 = ephemeral)")
+    p.add_argument("--instance-tag", default=None, help="free-form tag (the lab uses it to find the process)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def load_daemon_context(args: argparse.Namespace) -> tuple[Topology, ServerSection, HATimings]:
+    """Logging configured, then the topology, this daemon's server and the HA timings; raises
+    :class:`pom_ha.config.ConfigError` naming what is wrong."""
+    configure_logging(args.log_level)
+    topo = load_topology(args.topology)
+    return topo, topo.server(args.server), load_timings()
