@@ -159,12 +159,7 @@ class FakeStatusStore(StatusStore):
         try:
             key = (lease.service, lease.scope)
             cur = self._leases.get(key)
-            if (
-                cur is None
-                or cur.holder_instance != lease.holder_instance
-                or cur.epoch != lease.epoch
-                or cur.expires_at <= now
-            ):
+            if cur is None or not _still_held(cur, lease, now):
                 return None
             new = replace(cur, renewed_at=now, expires_at=now + self._ttl(), observed_at=now)
             self._leases[key] = new
@@ -177,12 +172,7 @@ class FakeStatusStore(StatusStore):
         try:
             key = (lease.service, lease.scope)
             cur = self._leases.get(key)
-            if (
-                cur is None
-                or cur.holder_instance != lease.holder_instance
-                or cur.epoch != lease.epoch
-                or cur.expires_at <= now
-            ):
+            if cur is None or not _still_held(cur, lease, now):
                 return False
             self._leases[key] = replace(cur, expires_at=now, released_at=now, observed_at=now)
             self._notify(*key)
@@ -234,3 +224,12 @@ class FakeStatusStore(StatusStore):
             self.events.append(event)
         finally:
             self._leave()
+
+
+def _still_held(cur: Lease, lease: Lease, now: datetime) -> bool:
+    """The stored lease is still ``lease``'s holder's, at its epoch, and unexpired (renew and release CAS)."""
+    return (
+        cur.holder_instance == lease.holder_instance
+        and cur.epoch == lease.epoch
+        and cur.expires_at > now
+    )

@@ -14,6 +14,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pom_ha import wire
+from pom_ha.wire import WireError
+
 PROTOCOL_VERSION = 1
 FrameType = Literal["HELLO", "PING", "PONG", "GOODBYE"]
 FRAME_TYPES: tuple[FrameType, ...] = ("HELLO", "PING", "PONG", "GOODBYE")
@@ -70,11 +73,14 @@ def _field(obj: dict[str, Any], name: str, kind: type) -> Any:
 
 def decode_payload(payload: bytes) -> Frame:
     try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FrameError(f"frame is not UTF-8 JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise FrameError(f"frame is not a JSON object but {type(obj).__name__}")
+        obj = wire.decode(payload)
+    except WireError as exc:
+        raise FrameError(str(exc)) from None
+    return frame_from_object(obj)
+
+
+def frame_from_object(obj: dict[str, Any]) -> Frame:
+    """A decoded frame object, checked field by field (version, type, every field's type)."""
     if obj.get("v") != PROTOCOL_VERSION or isinstance(obj.get("v"), bool):
         raise FrameError(f"unsupported protocol version {obj.get('v')!r}")
     return Frame(
@@ -89,21 +95,10 @@ def decode_payload(payload: bytes) -> Frame:
 
 
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> Frame | None:
-    """The next frame, or ``None`` on a clean end of stream between frames.
-
-    An oversized frame is refused from its length prefix alone: its body is never read.
-    """
+    """The next frame, or ``None`` on a clean end of stream between frames (the shared length-prefixed
+    framing of :mod:`pom_ha.wire`). An oversized frame is refused from its length prefix alone."""
     try:
-        head = await reader.readexactly(_LEN.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise FrameError("stream ended inside a frame header") from None
-    (size,) = _LEN.unpack(head)
-    if size > max_bytes:
-        raise FrameError(f"frame of {size} bytes exceeds the {max_bytes}-byte limit")
-    try:
-        payload = await reader.readexactly(size)
-    except asyncio.IncompleteReadError:
-        raise FrameError("stream ended inside a frame body") from None
-    return decode_payload(payload)
+        obj = await wire.read_frame(reader, max_bytes)
+    except WireError as exc:
+        raise FrameError(str(exc)) from None
+    return None if obj is None else frame_from_object(obj)
