@@ -153,6 +153,31 @@ class Stack:
                 )
             await asyncio.sleep(0.2)
 
+    async def heal_ignite(self, settle_s: float = 60.0) -> list[str]:
+        """Bring the Ignite cluster back to one topology of every node after faults (kills, SIGSTOPs that got a
+        node segmented and halted): start every node that is not running, give the cluster ``settle_s`` to
+        merge, then restart the nodes whose view is still short. Returns the names started or restarted."""
+        nodes = self.launchers("ignite")
+        acted: list[str] = []
+        dead = [n for n in nodes if not n.running()]
+        for n in dead:
+            n.start()
+        await asyncio.gather(*(n.wait_ready() for n in dead))
+        acted.extend(n.name for n in dead)
+        try:
+            await self._wait_ignite_joined(timeout_s=settle_s)
+            return acted
+        except InfraError:
+            pass
+        short = [n for n in nodes if n.topology_servers() != len(nodes)]  # type: ignore[attr-defined]
+        await asyncio.gather(*(asyncio.to_thread(n.stop) for n in short))
+        for n in short:
+            n.start()
+        await asyncio.gather(*(n.wait_ready() for n in short))
+        acted.extend(n.name for n in short)
+        await self._wait_ignite_joined(timeout_s=settle_s)
+        return acted
+
     async def _start_activemq(self) -> None:
         brokers = self.launchers("activemq")
         if not brokers:

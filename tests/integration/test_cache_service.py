@@ -255,6 +255,8 @@ async def services(stack: Stack, topology_file: Path) -> AsyncIterator[dict[str,
     finally:
         run_dir = stack.topo.lab_dir() / "run"
         await asyncio.gather(*(asyncio.to_thread(stop_process, rec, run_dir) for rec in recs.values()))
+        # the services restarted nodes the tests killed or froze: leave one whole cluster for later tests
+        await stack.heal_ignite()
 
 
 async def test_cache_services_restart_the_lost_cluster_and_rebuild_it_from_postgres(

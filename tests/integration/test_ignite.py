@@ -73,13 +73,15 @@ async def test_replicated_entry_survives_node_kill_and_node_rejoins(stack: Stack
     assert len(nodes) >= 2, "the lab topology needs at least two ignite nodes"
     a, b = nodes[0], nodes[1]
 
-    async def whole() -> bool:  # earlier tests of the session kill and freeze nodes: start from one cluster
+    async def whole() -> bool:
         for n in nodes:
             if n.topology_servers() != len(nodes) or not await n.probe():
                 return False
         return True
 
-    await until(whole, "every ignite node in one cluster before the test", deadline_s=180)
+    # earlier tests of the session kill and freeze nodes (a frozen node gets segmented and halts): heal first
+    await stack.heal_ignite()
+    await until(whole, "every ignite node in one active cluster before the test")
     key, value = f"k-{uuid.uuid4().hex}", f"v-{uuid.uuid4().hex}"
     everyone = thin_client_addresses(stack.topo)
     assert (a.address, a.thin_client_port) in everyone
