@@ -143,8 +143,8 @@ def _alive_peers(rec: ProcessRecord, service: str) -> int | None:
 
 
 @asynccontextmanager
-async def bench_lab(base: Topology) -> AsyncIterator[BenchLab]:
-    topo = isolated_topology(base, block=BLOCK)
+async def bench_lab(base: Topology, *, block: int = BLOCK) -> AsyncIterator[BenchLab]:
+    topo = isolated_topology(base, block=block)
     lab = topo.lab_dir()
     topology_file = dump_topology(topo, lab / "topology.toml")
     topology_file.chmod(0o644)
@@ -181,7 +181,7 @@ async def start_platform(bench: BenchLab, *, cd: bool = True, capacity: int = 20
         bench.start("campaign-manager", server, "--media", media)
     if cd:
         for server in servers:
-            bench.start("campaign-director", server)
+            bench.start("campaign-director", server, "--cache", "off")
     await bench.wait_members("rule_engine", len(servers))
     await bench.wait_members("campaign_manager", len(servers))
     if cd:
@@ -268,7 +268,7 @@ async def run_import(base: Topology, *, records: int = 200_000, echo: Callable[[
     async with bench_lab(base) as bench:
         servers = [s.name for s in bench.topo.servers]
         for server in servers:
-            bench.start("campaign-director", server)
+            bench.start("campaign-director", server, "--cache", "off")
         await bench.wait_members("campaign_director", len(servers))
         csv_path = bench.topo.lab_dir() / "bench" / "import.csv"
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,7 +368,7 @@ async def _trial_cd(bench: BenchLab) -> float:
             " AND kind = 'first_fenced_action' AND epoch > $1", epoch)
 
     acted = await _poll(first_action, 30, "the new Common CD's first fenced action")
-    bench.start("campaign-director", server)
+    bench.start("campaign-director", server, "--cache", "off")
     await bench.wait_replaced("campaign_director", server, str(instance))
     return float((acted - fault).total_seconds() * 1000)
 

@@ -30,3 +30,15 @@ def load_daemon_context(args: argparse.Namespace) -> tuple[Topology, ServerSecti
     configure_logging(args.log_level)
     topo = load_topology(args.topology)
     return topo, topo.server(args.server), load_timings()
+
+
+def add_cache_option(p: argparse.ArgumentParser) -> None:
+    """``--cache on|off|auto`` for the daemons that are clients of the cache service (CD, CM, AM)."""
+    p.add_argument("--cache", choices=("auto", "on", "off"), default="auto",
+                   help="use the Ignite cache service: auto = when the topology runs Ignite (default); off for a "
+                        "lab without Ignite (then nothing waits on the cache: job starts are not gated by it)")
+
+
+def cache_wanted(args: argparse.Namespace, topo: Topology) -> bool:
+    choice = getattr(args, "cache", "auto")
+    return choice == "on" or (choice == "auto" and bool(topo.servers_running("ignite")))

@@ -14,7 +14,7 @@ import asyncpg
 
 from pom_ha.config import ConfigError
 from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, daemon_parser, load_daemon_context
 from pom_ha.ha.roles import RoleKind, SingletonRole, ZoneRole
 from services.campaign_director.daemon import SERVICE, CampaignDirectorDaemon
 from services.campaign_director.settings import load_settings
@@ -24,6 +24,7 @@ from services.campaign_director.zones import ZONE_SERVICE
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = daemon_parser("campaign-director", __doc__)
     p.add_argument("--zone", action="append", default=[], help="lead this zone's director role (repeatable)")
+    add_cache_option(p)
     return p.parse_args(argv)
 
 
@@ -58,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         server=server.name, address=server.address, dsn=dsn, roles=roles, timings=timings,
         http_port=args.http_port, heartbeat_port=args.heartbeat_port, instance_tag=args.instance_tag,
     )
-    return asyncio.run(CampaignDirectorDaemon(config, settings=settings, topology=topo).main())
+    cache = None
+    if cache_wanted(args, topo):
+        from pom_ha.cache.client import OperationalCache, quiet_pyignite_logs
+
+        quiet_pyignite_logs()
+        cache = OperationalCache.from_topology(topo)
+    return asyncio.run(CampaignDirectorDaemon(config, settings=settings, topology=topo, cache=cache).main())
 
 
 if __name__ == "__main__":

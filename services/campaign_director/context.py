@@ -32,13 +32,14 @@ SQL_EVENT = (
 )
 SQL_RAISE_ALARM = (
     "INSERT INTO cd_alarms (kind, job_id, message, detail, epoch) SELECT $1, $2, $3, $4::jsonb, $5 WHERE {fence}"
-    " ON CONFLICT (kind, coalesce(job_id, 0)) WHERE cleared_at IS NULL AND kind = 'nuisance' DO NOTHING"
+    " ON CONFLICT (kind, coalesce(job_id, 0)) WHERE cleared_at IS NULL AND kind IN ('nuisance', 'job_start_refused')"
+    " DO NOTHING"
 )
 SQL_EVENT_ALARM = (
     "INSERT INTO cd_alarms (kind, job_id, message, detail, epoch) SELECT $1, $2, $3, $4::jsonb, $5 WHERE {fence}"
 )
-#: condition alarms: one open row per job at most (the partial unique index of migration 0005)
-CONDITION_ALARMS = frozenset({"nuisance"})
+#: condition alarms: one open row per job at most (the partial unique index of migrations 0005 and 0011)
+CONDITION_ALARMS = frozenset({"nuisance", "job_start_refused"})
 SQL_CLEAR_ALARM = (
     "UPDATE cd_alarms SET cleared_at = clock_timestamp(), detail = detail || $3::jsonb"
     " WHERE kind = $1 AND coalesce(job_id, 0) = coalesce($2::bigint, 0) AND cleared_at IS NULL AND {fence}"

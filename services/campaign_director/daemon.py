@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pom_ha.config import Topology
 from pom_ha.domain.attempts import SYSTEM_CODES
@@ -45,13 +45,18 @@ from services.campaign_director.settings import CDSettings
 from services.campaign_director.trends import TrendDuties
 from services.campaign_director.zones import ZONE_SERVICE, run_zone_director
 
+if TYPE_CHECKING:
+    from pom_ha.cache.client import OperationalCache
+
 SERVICE = "campaign_director"
 
 
 class CampaignDirectorDaemon(HADaemon):
     def __init__(self, config: DaemonConfig, *, settings: CDSettings | None = None,
-                 topology: Topology | None = None) -> None:
+                 topology: Topology | None = None, cache: OperationalCache | None = None) -> None:
         super().__init__(config)
+        #: the cache service's client; None: job starts are not gated by the cache (``--cache off``)
+        self.cache = cache
         self.settings = settings or CDSettings()
         self.zone_homes: dict[str, str] = {}
         self.topology = topology  # for the Event SDK brokers; None: no events
@@ -85,6 +90,9 @@ class CampaignDirectorDaemon(HADaemon):
         if self.events is not None:
             with contextlib.suppress(Exception):
                 await self.events.stop(3.0)
+        if self.cache is not None:
+            with contextlib.suppress(Exception):
+                await self.cache.close()
         await super().teardown()
 
     async def run_master(self, elector: Elector, term: MasterTerm) -> None:

@@ -20,6 +20,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from pom_ha.cache import JobEntry, JobStartRefused
 from pom_ha.campaign.admin import COMMAND_EVENTS, job_status
 from pom_ha.campaign.allocation import CMCandidate, allocate
 from pom_ha.campaign.fenced_tx import fenced_transaction
@@ -45,7 +46,7 @@ SELECT m.server, m.instance_id, m.load,
 """
 
 SQL_JOBS_WITHOUT_LIVE_OWNER = """
-SELECT j.id, j.state, a.owner_server, a.owner_instance, a.epoch
+SELECT j.id, j.state, j.campaign_id, j.zone, a.owner_server, a.owner_instance, a.epoch
   FROM jobs j
   LEFT JOIN ha_assignment a ON a.service = 'campaign_manager' AND a.item = 'job:' || j.id
  WHERE j.state NOT IN ('Completed', 'Stopped')
@@ -83,6 +84,9 @@ class JobDuties:
             async with pool.acquire() as conn:
                 for job_id, cm in allocate(by_id, cms):
                     prev = by_id[job_id]
+                    starting = prev["owner_instance"] is None and prev["state"] == "Queued"
+                    if starting and not await self._cache_admits(prev):
+                        continue
                     owner = Holder(cm.server, cm.instance)
                     done = await assign(conn, self.ctx.fence, CM_SERVICE, f"job:{job_id}", owner)
                     if done is None:
@@ -106,6 +110,24 @@ class JobDuties:
                 if await unassign(conn, self.ctx.fence, CM_SERVICE, r["item"]):
                     self.ctx.log.info("ended job unassigned", item=r["item"])
         return moved
+
+    async def _cache_admits(self, job: Any) -> bool:
+        """A Queued job starts only once the cache holds it (the guide: with the cache service down "a new job
+        cannot start"). Refused: the job stays Queued and one ``job_start_refused`` alarm per job carries the
+        cache's message; it is tried again next round and the alarm cleared when it starts."""
+        cache = self.ctx.daemon.cache
+        if cache is None:
+            return True
+        job_id = int(job["id"])
+        try:
+            await cache.start_job(JobEntry(job_id, int(job["campaign_id"]), str(job["zone"]),
+                                           JobState.FILTER_IN_PROGRESS.value))
+        except JobStartRefused as exc:
+            await self.ctx.raise_alarm("job_start_refused", job_id, str(exc), {"rebuilding": exc.rebuilding})
+            return False
+        # job starts are rare: clearing unconditionally also ends an alarm a previous master raised
+        await self.ctx.clear_alarm("job_start_refused", job_id, "the cache is back: the job starts")
+        return True
 
     # ---- operator commands --------------------------------------------------------------------------------
     async def apply_commands(self) -> int:

@@ -16,7 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from pom_ha.cache import (
     rebuild_from_postgres,
     refresh_job,
 )
+from pom_ha.campaign import admin
 from pom_ha.infra.ignite import IgniteLauncher
 from pom_ha.infra.process import ProcessRecord, stop_process
 from pom_ha.infra.stack import Stack
@@ -111,6 +112,10 @@ async def jobs(db: asyncpg.Connection) -> dict[str, int]:
                                 campaign, list_id, state)
         out[state] = job
         await add_progress(db, job, contacts)
+        # owned already (by a CM that is not running): the Common CD of these tests reallocates them, it does not
+        # start them, so the cache content the rebuild checks below compare is the rebuild's alone
+        await db.execute("INSERT INTO ha_assignment (service, item, owner_server, owner_instance)"
+                         " VALUES ('campaign_manager', $1, 'pom2', 'gone-cm')", f"job:{job}")
     return out
 
 
@@ -242,6 +247,77 @@ async def test_every_node_down_each_impact_is_a_clear_error_quickly(
     print("all nodes down:", json.dumps(FIGURES))
 
 
+@dataclass
+class Director:
+    """A real Common CD (``--cache on``) and a Campaign Manager as the CD sees it (an ``ha_member`` row kept
+    fresh by a task): enough for the CD to allocate, i.e. start, a Queued job."""
+
+    rec: ProcessRecord
+    job_id: int
+    cm_instance: str
+
+
+@pytest.fixture(scope="module")
+async def director(stack: Stack, topology_file: Path, db: asyncpg.Connection,
+                   pg_dsn: str) -> AsyncIterator[Director]:
+    instance = f"cache-cm-{uuid.uuid4().hex[:8]}"
+
+    async def fake_cm() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            while True:
+                await conn.execute(
+                    "INSERT INTO ha_member (service, server, instance_id, state, load)"
+                    " VALUES ('campaign_manager', 'pom3', $1, 'RUNNING', 0) ON CONFLICT (service, server) DO UPDATE"
+                    " SET instance_id = $1, state = 'RUNNING', load = 0, seen_at = now()", instance)
+                await asyncio.sleep(0.2)
+        finally:
+            await conn.close()
+
+    tag = uuid.uuid4().hex[:8]
+    await admin.create_list(db, f"cache-start-{tag}")
+    campaign = await admin.create_campaign(db, {"name": f"cache-start-{tag}", "contact_list": f"cache-start-{tag}",
+                                                "pacing": {"calls_per_second": 1}})
+    job_id = await admin.create_job(db, campaign.id)
+    task = asyncio.create_task(fake_cm())
+    rec = start_daemon(stack.topo, topology_file, "pom1", "campaign-director", "--cache", "on")
+    try:
+        yield Director(rec, job_id, instance)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(stop_process, rec, stack.topo.lab_dir() / "run")
+        await db.execute("UPDATE ha_member SET state = 'STOPPED' WHERE service = 'campaign_manager'"
+                         " AND instance_id = $1", instance)
+
+
+async def owner(db: asyncpg.Connection, job_id: int) -> str | None:
+    got = await db.fetchval("SELECT owner_instance FROM ha_assignment WHERE service = 'campaign_manager'"
+                            " AND item = $1", f"job:{job_id}")
+    return None if got is None else str(got)
+
+
+async def test_the_common_cd_refuses_a_new_job_start_while_the_cache_is_down(
+    db: asyncpg.Connection, director: Director,
+) -> None:
+    """The guide's "a new job cannot start": the job stays Queued and unallocated, one open alarm says why."""
+
+    async def alarmed() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM cd_alarms WHERE kind = 'job_start_refused'"
+                                      " AND job_id = $1 AND cleared_at IS NULL", director.job_id))
+
+    await until(alarmed, "the Common CD raises job_start_refused for the new job")
+    row = await db.fetchrow("SELECT message FROM cd_alarms WHERE kind = 'job_start_refused' AND job_id = $1"
+                            " AND cleared_at IS NULL", director.job_id)
+    assert row["message"].startswith("new job start refused: start job"), row["message"]
+    assert await owner(db, director.job_id) is None, "a job the cache refused was allocated"
+    assert await db.fetchval("SELECT state FROM jobs WHERE id = $1", director.job_id) == "Queued"
+    # retried every allocation round, the refusal stays one open alarm
+    n_open = await db.fetchval("SELECT count(*) FROM cd_alarms WHERE kind = 'job_start_refused' AND job_id = $1",
+                               director.job_id)
+    assert n_open == 1
+
+
 @pytest.fixture(scope="module")
 async def services(stack: Stack, topology_file: Path) -> AsyncIterator[dict[str, ProcessRecord]]:
     """A cache service on every server. They run as the lab operator (root): a supervisor drops to the
@@ -261,7 +337,7 @@ async def services(stack: Stack, topology_file: Path) -> AsyncIterator[dict[str,
 
 async def test_cache_services_restart_the_lost_cluster_and_rebuild_it_from_postgres(
     stack: Stack, db: asyncpg.Connection, jobs: dict[str, int], cache: OperationalCache,
-    services: dict[str, ProcessRecord],
+    services: dict[str, ProcessRecord], director: Director,
 ) -> None:
     # PostgreSQL moved on while the cache was down: the rebuild must show the new counters
     await add_progress(db, jobs["Running"], 6, prefix="late")
@@ -307,6 +383,16 @@ async def test_cache_services_restart_the_lost_cluster_and_rebuild_it_from_postg
         return {r["server"] for r in rows if r["state"] == "RUNNING"} >= set(services)
 
     await until(members_running, "every cache service shows RUNNING in ha_member")
+
+    # the job the Common CD refused while the cache was down starts now, and its alarm is cleared
+    async def started() -> bool:
+        return await owner(db, director.job_id) == director.cm_instance
+
+    await until(started, "the refused job is allocated once the cache is back")
+    assert await db.fetchval("SELECT count(*) FROM cd_alarms WHERE kind = 'job_start_refused' AND job_id = $1"
+                             " AND cleared_at IS NULL", director.job_id) == 0
+    # the cache holds the job (as the CD started it, or as a later rebuild read it from PostgreSQL)
+    assert await cache.get_job(director.job_id) is not None
     print("restore:", json.dumps(FIGURES))
 
 

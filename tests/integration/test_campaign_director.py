@@ -62,7 +62,7 @@ class Directors:
     def start(self, *servers: str) -> None:
         for server in servers or tuple(SERVERS):
             self.procs[server] = start_daemon(self.topo, self.topology_file, server, "campaign-director",
-                                              "--http-port", str(CD_HTTP_PORT),
+                                              "--http-port", str(CD_HTTP_PORT), "--cache", "off",
                                               name=f"cd-{server}-{uuid.uuid4().hex[:4]}")
 
     def kill(self, server: str) -> None:
