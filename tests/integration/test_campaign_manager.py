@@ -308,7 +308,11 @@ async def test_sigkill_of_a_cm_mid_job(stack: Stack, db: asyncpg.Connection, cms
     assert late == 0, "an attempt written by the dead CM after its death"
     first_b = await db.fetchval("SELECT min(created_at) FROM attempts WHERE job_id = $1 AND assignment_epoch = 2", job)
     not_dialed = await db.fetchval("SELECT count(*) FROM attempts WHERE job_id = $1 AND code = 'CANCELLED'", job)
-    assert await sim_dialed(media) - dialed_before == counts["attempts"] - not_dialed, "an attempt dialed twice"
+    dialed = await sim_dialed(media) - dialed_before
+    assert dialed <= counts["attempts"] - not_dialed, "an attempt dialed twice"
+    # the row is written before its dial command leaves: only the dead CM's in-flight rows (now CALL_FAILOVER)
+    # may have died with it undialed (a loaded machine widens that window)
+    assert counts["attempts"] - not_dialed - dialed <= len(orphans), "an attempt never dialed, not the dead CM's"
 
     health = await cm_health(stack.topo.server("pom2").address)
     counters = health["campaign_manager"]["counters"]
