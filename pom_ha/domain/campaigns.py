@@ -26,7 +26,16 @@ from pydantic import (
 )
 
 from pom_ha.domain.attempts import SYSTEM_CODES, CompletionCode
-from pom_ha.domain.pacing import PacingKind, TimeBasedPacer
+from pom_ha.domain.pacing import (
+    DEFAULT_ABANDON_CAP,
+    DEFAULT_MAX_RATIO,
+    Pacer,
+    PacingKind,
+    PredictivePacer,
+    PreviewPacer,
+    ProgressivePacer,
+    TimeBasedPacer,
+)
 from pom_ha.domain.strategy import FinishCriteria, RetryStrategy
 
 NonNegativeSeconds = Annotated[int, Field(ge=0)]
@@ -66,11 +75,25 @@ class PacingSpec(_Spec):
     calls_per_minute: float | None = Field(None, gt=0)
     burst: int | None = Field(None, ge=1)
     max_in_flight: int | None = Field(None, ge=1)
+    # agent-based kinds (preview, progressive, predictive): the Agent Manager's free agents drive them
+    abandon_cap: float | None = Field(None, gt=0, lt=1)  # predictive: nuisance / live answers over the day
+    max_ratio: float | None = Field(None, ge=1, le=20)  # predictive: most dials per free agent
 
     @model_validator(mode="after")
     def _one_rate(self) -> PacingSpec:
         if self.kind.needs_agents:
-            raise ValueError(f"{self.kind.value!r} pacing needs the Agent Manager, which is not available yet")
+            rates = [n for n in ("calls_per_second", "calls_per_minute", "burst") if getattr(self, n) is not None]
+            if rates:
+                raise ValueError(f"{self.kind.value!r} pacing is driven by the free agents: "
+                                 f"remove {', '.join(rates)} (time-based pacing only)")
+            if self.kind is not PacingKind.PREDICTIVE:
+                extra = [n for n in ("abandon_cap", "max_ratio") if getattr(self, n) is not None]
+                if extra:
+                    raise ValueError(f"{', '.join(extra)} only apply to predictive pacing, not {self.kind.value!r}")
+            return self
+        extra = [n for n in ("abandon_cap", "max_ratio") if getattr(self, n) is not None]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} only apply to predictive pacing, not 'time_based'")
         if (self.calls_per_second is None) == (self.calls_per_minute is None):
             raise ValueError("time-based pacing needs exactly one of calls_per_second and calls_per_minute")
         return self
@@ -144,7 +167,19 @@ class CampaignDefinition(_Spec):
     def finish_criteria(self) -> FinishCriteria:
         return FinishCriteria(self.finish.all_contacts_done, self.finish.end_time, dict(self.finish.code_goals))
 
-    def pacer(self) -> TimeBasedPacer:
+    def pacer(self) -> Pacer:
+        """The job's pacer: time-based for agentless campaigns, else the agent-driven kind."""
+        kind = self.pacing.kind
+        if kind is PacingKind.PREDICTIVE:
+            return PredictivePacer(abandon_cap=self.pacing.abandon_cap or DEFAULT_ABANDON_CAP,
+                                   max_ratio=self.pacing.max_ratio or DEFAULT_MAX_RATIO)
+        if kind is PacingKind.PROGRESSIVE:
+            return ProgressivePacer()
+        if kind is PacingKind.PREVIEW:
+            return PreviewPacer()
+        return self.time_pacer()
+
+    def time_pacer(self) -> TimeBasedPacer:
         return TimeBasedPacer(
             calls_per_second=self.pacing.calls_per_second,
             calls_per_minute=self.pacing.calls_per_minute,
