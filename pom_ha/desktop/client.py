@@ -9,7 +9,8 @@ Requests (``ready``, ``wrap_up``, ...) return the manager's ``OK`` or raise :cla
 manager's ERROR) or :class:`DesktopUnavailable` (no session, or no answer in time: retriable). Every other
 frame the manager sends goes to ``events``; ``STATE_QUERY`` is answered from ``state_report``. A
 ``FORCED_LOGOUT second_login`` ends the client (another desktop has the agent); any other forced logout
-is followed by a fresh login unless ``relogin`` is false.
+is followed by a fresh login unless ``relogin`` is false: at the same address, except after
+``sdk_connection_lost`` (the workspaces scenario), which moves to the next (secondary) address first.
 
 ``BotAgent(client, BotSettings(talk_s=..., wrap_s=...))`` reads ``events`` and plays an agent: ready on
 login, answers offered calls, accepts previews and callbacks, talks ``talk_s``, releases, wraps up with
@@ -151,6 +152,11 @@ class DesktopClient:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def last_state(self) -> AgentStateFrame | None:
+        """The manager's last ``AGENT_STATE`` on this desktop (None before the first)."""
+        return self._last_state
+
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._task is None:
@@ -184,6 +190,9 @@ class DesktopClient:
                 self._lost(address, cause)
                 if self._closing:
                     break
+                if was_logged_in and cause == "forced logout: sdk_connection_lost":
+                    self._index += 1  # workspaces: the SDK link broke; log in again at the secondary address
+                    continue
                 if was_logged_in and cause.startswith("forced logout"):
                     continue  # log in again at once, same manager
                 if was_logged_in:

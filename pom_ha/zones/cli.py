@@ -35,6 +35,12 @@ class Allocation:
     apply_id: int | None
 
 
+def apply_warning(zone: str, server: str) -> str:
+    """What "Save and Apply" does to the zone's agents (the CLI and the REST API ask for a confirmation)."""
+    return (f"Save and Apply logs out EVERY agent of zone {zone} (their calls are closed); "
+            f"the zone then moves to {server}'s Agent Manager and the desktops log in again there.")
+
+
 def validate(topo: Topology, zone: str, server: str) -> None:
     zones = [z.name for z in topo.zones]
     servers = [s.name for s in topo.servers]
@@ -72,6 +78,37 @@ async def allocate(topo: Topology, zone: str, server: str, *, apply: bool, grace
         await conn.close()
 
 
+@dataclass(frozen=True)
+class ZoneAllocation:
+    """What "Save" recorded for a zone, and its latest "Save and Apply" request with the AM's outcome."""
+
+    zone: str
+    allocated_server: str | None
+    last_apply: dict[str, object] | None
+
+
+async def read_allocation(topo: Topology, zone: str) -> ZoneAllocation:
+    """The zone's recorded allocation and latest apply request (``result`` is written by the zone's AM)."""
+    if zone not in [z.name for z in topo.zones]:
+        raise ZoneConfigError(f"unknown zone {zone!r}: the topology's zones are {[z.name for z in topo.zones]}")
+    try:
+        conn = await asyncpg.connect(topo.postgres.dsn(), timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ZoneConfigError(f"cannot reach PostgreSQL at {topo.postgres.address}:{topo.postgres.port}: "
+                              f"{type(exc).__name__}") from None
+    try:
+        server = await conn.fetchval("SELECT allocated_server FROM zones WHERE name = $1", zone)
+        row = await conn.fetchrow(
+            "SELECT id, allocated_server, requested_at, requested_by, grace_s, handled_at, handled_by, logged_out,"
+            " result, released_at FROM zone_apply_requests WHERE zone = $1 ORDER BY id DESC LIMIT 1", zone)
+    finally:
+        await conn.close()
+    last = None
+    if row is not None:
+        last = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in dict(row).items()}
+    return ZoneAllocation(zone, None if server is None else str(server), last)
+
+
 @click.group("zone")
 def zone_group() -> None:
     """Zone configuration: which POM server's Agent Manager a zone is allocated to."""
@@ -93,8 +130,7 @@ def allocate_cmd(zone: str, server: str, apply_: bool, yes: bool, grace_s: float
     except Exception as exc:  # ConfigError or ZoneConfigError: both say what is wrong
         raise click.ClickException(str(exc)) from None
     if apply_ and not yes:
-        click.echo(f"WARNING: Save and Apply logs out EVERY agent of zone {zone} (their calls are closed); "
-                   f"the zone then moves to {server}'s Agent Manager and the desktops log in again there.\n"
+        click.echo(f"WARNING: {apply_warning(zone, server)}\n"
                    "Nothing was written. Run again with --yes to proceed.", err=True)
         raise SystemExit(1)
     try:

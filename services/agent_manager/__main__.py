@@ -10,6 +10,7 @@ import asyncio
 import sys
 
 from pom_ha.config import ConfigError
+from pom_ha.desktop.tls import DesktopTlsError, server_context
 from pom_ha.ha.daemon import DaemonConfig
 from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
 from pom_ha.ha.roles import ZoneRole
@@ -22,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=None, help="desktop port (default ports.desktop)")
     p.add_argument("--desktop-heartbeat-ms", type=int, default=500, help="desktop heartbeat interval (10-60000)")
     p.add_argument("--desktop-miss-limit", type=int, default=4, help="missed desktop heartbeats before closing")
+    p.add_argument("--desktop-tls-cert", default=None,
+                   help="PEM certificate (chain) for TLS on the desktop port (with --desktop-tls-key)")
+    p.add_argument("--desktop-tls-key", default=None, help="PEM key of --desktop-tls-cert (unencrypted)")
     return p.parse_args(argv)
 
 
@@ -36,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--zone: {unknown} not in the topology's zones {known}")
         if not 10 <= args.desktop_heartbeat_ms <= 60_000 or not 1 <= args.desktop_miss_limit <= 100:
             raise ConfigError("--desktop-heartbeat-ms must be 10..60000 and --desktop-miss-limit 1..100")
-    except ConfigError as exc:
+        if (args.desktop_tls_cert is None) != (args.desktop_tls_key is None):
+            raise ConfigError("--desktop-tls-cert and --desktop-tls-key go together")
+        desktop_ssl = None if args.desktop_tls_cert is None else server_context(args.desktop_tls_cert,
+                                                                                args.desktop_tls_key)
+    except (ConfigError, DesktopTlsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     port = topo.ports.desktop if args.port is None else args.port
@@ -49,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon = AgentManagerDaemon(
         config, zones=zones, desktop_port=port, manager_addresses=list(addresses.values()),
         desktop_heartbeat_ms=args.desktop_heartbeat_ms, desktop_miss_limit=args.desktop_miss_limit,
-        peer_desktop_addresses=addresses,
+        peer_desktop_addresses=addresses, desktop_ssl=desktop_ssl,
     )
     return asyncio.run(daemon.main())
 

@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import errno
 import itertools
+import ssl
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +43,14 @@ from services.agent_manager.zone_config import ZoneConfigWatcher
 
 SERVICE = "agent_manager"
 BIND_RETRIES = 40
+# a failover brings every desktop of the zone back at once: the default backlog (100) would drop SYNs
+LISTEN_BACKLOG = 4096
+# a LOGIN for a zone whose master is gone (lease expired, or its failure corroborated on the heartbeat link) is
+# held this long for this AM's takeover instead of being refused into the desktop's backoff
+LOGIN_PARK_S = 1.5
+LEASE_CACHE_S = 0.1
+HEARTBEAT_BUFFER_LIMIT = 256 * 1024
+DRAIN_ABOVE = 64 * 1024
 log = structlog.get_logger("services.agent_manager")
 
 
@@ -55,6 +65,7 @@ class Session:
         self.agent_id: str | None = None
         self.runtime: ZoneRuntime | None = None
         self.closed = False
+        self.beating = False  # logged in: the daemon's heartbeat ticker writes to it
         self._lock = asyncio.Lock()
 
     def attach(self, runtime: ZoneRuntime, agent_id: str) -> None:
@@ -64,15 +75,30 @@ class Session:
         self.runtime, self.agent_id = None, None
 
     async def send(self, frame: Frame) -> None:
+        await self.send_bytes(frame.to_bytes())
+
+    async def send_bytes(self, data: bytes) -> None:
+        """One whole frame, in call order; waits (at most 1 s) only while the peer's buffer is over
+        DRAIN_ABOVE: a takeover sends a few frames to every desktop, a wait per frame is wasted there."""
         if self.closed:
             return
         try:
-            async with self._lock:
-                self.writer.write(frame.to_bytes())
-                async with asyncio.timeout(1.0):
+            self.writer.write(data)
+            if self.writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
+                async with self._lock, asyncio.timeout(1.0):
                     await self.writer.drain()
         except (ConnectionError, OSError, TimeoutError):
             self.abort()
+
+    def write_nowait(self, data: bytes) -> None:
+        """A whole frame appended to the transport without waiting (heartbeats); a peer that stopped reading
+        (its buffer over HEARTBEAT_BUFFER_LIMIT) is aborted."""
+        if self.closed:
+            return
+        if self.writer.transport.get_write_buffer_size() > HEARTBEAT_BUFFER_LIMIT:
+            self.abort()
+            return
+        self.writer.write(data)
 
     def close(self) -> None:
         if not self.closed:
@@ -89,11 +115,12 @@ class AgentManagerDaemon(HADaemon):
     def __init__(
         self, config: DaemonConfig, *, zones: Sequence[str], desktop_port: int,
         manager_addresses: Sequence[str] = (), desktop_heartbeat_ms: int = 500, desktop_miss_limit: int = 4,
-        peer_desktop_addresses: dict[str, str] | None = None,
+        peer_desktop_addresses: dict[str, str] | None = None, desktop_ssl: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(config)
         self.zone_names = list(zones)
         self.desktop_port = desktop_port
+        self.desktop_ssl = desktop_ssl
         self.manager_addresses = list(manager_addresses)
         self.peer_desktop_addresses = peer_desktop_addresses or {}
         self.desktop_heartbeat_ms = desktop_heartbeat_ms
@@ -104,6 +131,9 @@ class AgentManagerDaemon(HADaemon):
         self.refused_logins = 0
         self._server: asyncio.Server | None = None
         self.zone_config = ZoneConfigWatcher(self)
+        self._masters_changed = asyncio.Event()
+        self._lease_cache: dict[str, tuple[float, Any]] = {}
+        self.parked_logins = 0
 
     # ---- HA hooks -------------------------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -112,21 +142,25 @@ class AgentManagerDaemon(HADaemon):
         self.zone_config.install([e for e in self.electors if e.service == SERVICE],
                                  self.timings.claim_spread_ms / 1000)
         self.spawn(self.zone_config.run(), name="zone-config")
+        self.spawn(self._heartbeat_ticker(), name="desktop-heartbeats")
         for attempt in range(BIND_RETRIES):
             try:
                 self._server = await asyncio.start_server(
-                    self._serve, self.config.address, self.desktop_port, reuse_address=True)
+                    self._serve, self.config.address, self.desktop_port, reuse_address=True,
+                    backlog=LISTEN_BACKLOG, ssl=self.desktop_ssl)
                 break
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE or attempt == BIND_RETRIES - 1:
                     raise
                 await asyncio.sleep(0.05)
         self._log.info("desktop server listening", address=f"{self.config.address}:{self.desktop_port}",
-                       zones=self.zone_names)
+                       zones=self.zone_names, tls=self.desktop_ssl is not None)
 
     async def run_master(self, elector: Elector, term: MasterTerm) -> None:
         runtime = ZoneRuntime(self, elector, term)
         self.runtimes[term.scope] = runtime
+        self._masters_changed.set()  # parked logins of this zone go on (one wake-up each, no polling)
+        self._masters_changed = asyncio.Event()
         try:
             await runtime.run()
         finally:
@@ -148,6 +182,7 @@ class AgentManagerDaemon(HADaemon):
         out = super().health()
         out["desktop"] = {
             "connections": len(self.sessions), "refused_logins": self.refused_logins,
+            "parked_logins": self.parked_logins,
             "protocol": self.counters.as_dict(),
             "zones": {
                 z: {
@@ -168,7 +203,6 @@ class AgentManagerDaemon(HADaemon):
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(reader, writer)
         self.sessions.add(session)
-        beats: asyncio.Task[None] | None = None
         silence_s = self.desktop_heartbeat_ms * self.desktop_miss_limit / 1000
         try:
             while not session.closed:
@@ -188,26 +222,25 @@ class AgentManagerDaemon(HADaemon):
                     break
                 if frame is None:
                     break
-                if beats is None and session.runtime is not None:
-                    beats = asyncio.create_task(self._heartbeats(session))
                 await self._handle(session, frame)
-                if beats is None and session.runtime is not None:
-                    beats = asyncio.create_task(self._heartbeats(session))
+                if session.runtime is not None:
+                    session.beating = True
         except (ConnectionError, OSError):
             pass
         finally:
-            if beats is not None:
-                beats.cancel()
             if session.runtime is not None:
                 session.runtime.session_closed(session)
             self.sessions.discard(session)
             session.close()
 
-    async def _heartbeats(self, session: Session) -> None:
+    async def _heartbeat_ticker(self) -> None:
+        """One task beats every logged-in desktop (``seq`` counts up per tick, so per connection too): one
+        frame serialised per tick instead of a task, a timer and a drain per desktop."""
         for seq in itertools.count():
-            if session.closed:
-                return
-            await session.send(Heartbeat(seq=seq))
+            data = Heartbeat(seq=seq).to_bytes()
+            for session in list(self.sessions):
+                if session.beating:
+                    session.write_nowait(data)
             await asyncio.sleep(self.desktop_heartbeat_ms / 1000)
 
     async def _handle(self, session: Session, frame: Any) -> None:
@@ -246,6 +279,8 @@ class AgentManagerDaemon(HADaemon):
                 reason=f"zone {zone!r} is not a zone of this deployment; known: {self.zone_names}"))
             return
         runtime = self.runtimes.get(zone)
+        if (runtime is None or not runtime.term.active) and await self._master_gone(zone):
+            runtime = await self._park(session, zone)
         if runtime is not None and runtime.resetting:
             self.refused_logins += 1
             await session.send(ErrorFrame(
@@ -264,10 +299,55 @@ class AgentManagerDaemon(HADaemon):
             await session.send(ErrorFrame(req=frame.req, code="zone_unavailable", fatal=False,
                                           reason=f"zone {zone}: login not saved ({type(exc).__name__})"))
 
+    async def _lease(self, zone: str) -> Any:
+        """The zone's lease row, read at most every LEASE_CACHE_S (a failover's reconnect storm must not turn
+        into one database read per refused login); None when unknown."""
+        now = time.monotonic()
+        cached = self._lease_cache.get(zone)
+        if cached is not None and now - cached[0] < LEASE_CACHE_S:
+            return cached[1]
+        lease = None
+        with contextlib.suppress(StatusStoreError, OSError, TimeoutError):
+            lease = await self.store.read(SERVICE, zone, timeout_s=self.timings.store_timeout_s)
+        self._lease_cache[zone] = (time.monotonic(), lease)
+        return lease
+
+    async def _master_gone(self, zone: str) -> bool:
+        """Whether this AM is about to compete for the zone: its lease is free or expired, already ours, or its
+        holder's failure is corroborated on this AM's heartbeat link."""
+        elector = next((e for e in self.electors if e.service == SERVICE and e.scope == zone), None)
+        if elector is None:
+            return False
+        lease = await self._lease(zone)
+        if lease is None or lease.expired or lease.holder_instance is None:
+            return True
+        if lease.holder_server == self.config.server:
+            return True
+        node = self.heartbeats.get(SERVICE)
+        return node is not None and node.failure_corroborated(lease.holder_instance)
+
+    async def _park(self, session: Session, zone: str) -> ZoneRuntime | None:
+        """Hold a login while this AM takes the zone over (at most LOGIN_PARK_S): the desktop is served as soon
+        as the takeover starts instead of walking its address list with backoff."""
+        self.parked_logins += 1
+        deadline = time.monotonic() + LOGIN_PARK_S
+        while not session.closed:
+            changed = self._masters_changed  # set (and replaced) when a term starts: wakes every parked login
+            runtime = self.runtimes.get(zone)
+            if runtime is not None and runtime.term.active:
+                return runtime
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
+        return None
+
     async def _not_master_reason(self, zone: str) -> str:
         where = "no master known"
         with contextlib.suppress(StatusStoreError, OSError, TimeoutError):
-            lease = await self.store.read(SERVICE, zone, timeout_s=self.timings.store_timeout_s)
+            lease = await self._lease(zone)
             if lease is not None and not lease.expired and lease.holder_server:
                 if lease.holder_server == self.config.server:
                     where = "this Agent Manager is taking it over"

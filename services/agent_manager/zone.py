@@ -69,6 +69,7 @@ from pom_ha.domain.agents import (
     FailoverOutcome,
     InvalidAgentTransition,
     after_failover,
+    after_sdk_connection_lost,
     app_server_wait_timeout_s,
     apply,
     check_desktop_state,
@@ -77,7 +78,9 @@ from pom_ha.domain.agents import (
 )
 from pom_ha.domain.attempts import CompletionCode
 from pom_ha.ha.election import Elector
+from pom_ha.ha.fencing import LeaseFence, execute_fenced
 from pom_ha.ha.term import MasterTerm
+from services.agent_manager.queue import requeue_offers
 
 if TYPE_CHECKING:
     from services.agent_manager.daemon import AgentManagerDaemon, Session
@@ -85,6 +88,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("services.agent_manager.zone")
 
 STATE_QUERY_TIMEOUT_S = 2.0
+YIELD_EVERY = 100  # agents handled per event-loop turn in the takeover's loops
+REPORT_BUDGET_S = STATE_QUERY_TIMEOUT_S  # the takeover waits this long for the reports once all desktops are back
 COMMAND_POLL_S = 1.0
 
 SQL_UPSERT_AGENT = """
@@ -100,16 +105,42 @@ ON CONFLICT (zone, agent_id) DO UPDATE SET
     desktop_errors = EXCLUDED.desktop_errors, last_completion_code = EXCLUDED.last_completion_code,
     last_closed_call_id = EXCLUDED.last_closed_call_id, epoch = EXCLUDED.epoch, updated_at = now()
 """
+_AGENT_COLS = """agent_id, logged_in, ready, call_state, call_role, job_state, job_id, call_id, nailed,
+                    login_time, ha_time_s, failovers, nuisance_calls, desktop_errors, last_completion_code,
+                    last_closed_call_id"""
+# the takeover's rows in one statement: one array per column (unnest), same upsert as SQL_UPSERT_AGENT
+SQL_UPSERT_AGENTS = f"""
+INSERT INTO agents (zone, {_AGENT_COLS}, epoch, updated_at)
+SELECT $1, u.*, $2, now() FROM unnest($3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[], $8::text[],
+    $9::text[], $10::text[], $11::bool[], $12::timestamptz[], $13::float8[], $14::int[], $15::int[], $16::int[],
+    $17::text[], $18::text[]) AS u WHERE {{fence}}
+ON CONFLICT (zone, agent_id) DO UPDATE SET
+    logged_in = EXCLUDED.logged_in, ready = EXCLUDED.ready, call_state = EXCLUDED.call_state,
+    call_role = EXCLUDED.call_role, job_state = EXCLUDED.job_state, job_id = EXCLUDED.job_id,
+    call_id = EXCLUDED.call_id, nailed = EXCLUDED.nailed, login_time = EXCLUDED.login_time,
+    ha_time_s = EXCLUDED.ha_time_s, failovers = EXCLUDED.failovers, nuisance_calls = EXCLUDED.nuisance_calls,
+    desktop_errors = EXCLUDED.desktop_errors, last_completion_code = EXCLUDED.last_completion_code,
+    last_closed_call_id = EXCLUDED.last_closed_call_id, epoch = EXCLUDED.epoch, updated_at = now()
+"""
+SQL_FAILOVER_LOGS = """
+INSERT INTO agent_failover_log (zone, epoch, agent_id, before_state, after_state, after_job_state, table_column,
+    call_effect, nailed, job_detached, desktop_state, completion_code, force_logout, call_id, ha_time_s)
+SELECT $1, $2, u.* FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+    $9::bool[], $10::bool[], $11::text[], $12::text[], $13::bool[], $14::text[], $15::float8[]) AS u WHERE {fence}
+"""
+# the late desktop check (a desktop back after the takeover) completes the agent's failover-log row of the term
+SQL_LATE_CHECK_LOG = """
+UPDATE agent_failover_log SET desktop_state = $4, force_logout = $5, completion_code = coalesce($6, completion_code),
+    after_state = coalesce($7, after_state)
+WHERE zone = $1 AND agent_id = $2 AND epoch = $3 AND {fence}
+"""
+SQL_GAP_EVENTS_DONE = ("UPDATE agent_call_command SET applied_at = now(), result = 'during failover: ' || event"
+                       " WHERE id = ANY($1::bigint[]) AND {fence}")
 SQL_ZONE_STATUS = """
 INSERT INTO agent_zone_status (zone, available, since, master_server, epoch)
 SELECT $1, $2, now(), $3, $4 WHERE {fence}
 ON CONFLICT (zone) DO UPDATE SET available = EXCLUDED.available, since = EXCLUDED.since,
     master_server = EXCLUDED.master_server, epoch = EXCLUDED.epoch
-"""
-SQL_FAILOVER_LOG = """
-INSERT INTO agent_failover_log (zone, agent_id, epoch, before_state, after_state, after_job_state, table_column,
-    call_effect, nailed, job_detached, desktop_state, completion_code, force_logout, call_id, ha_time_s)
-SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 WHERE {fence}
 """
 SQL_COMMAND_DONE = "UPDATE agent_call_command SET applied_at = now(), result = $2 WHERE id = $1 AND {fence}"
 
@@ -151,6 +182,20 @@ class AgentRecord:
         )
 
 
+def _row_args(rec: AgentRecord) -> tuple[Any, ...]:
+    """The ``agents`` columns of a record after (zone), in ``_AGENT_COLS`` order."""
+    s = rec.snap
+    return (
+        s.agent_id, s.logged_in, s.ready, s.call_state.value, s.role.value if s.role else None,
+        s.job_state.value if s.job_state else None, s.job_id, s.call_id, rec.nailed, rec.login_time, rec.ha_time_s,
+        rec.failovers, rec.nuisance_calls, rec.desktop_errors, rec.last_completion_code, rec.last_closed_call_id,
+    )
+
+
+class _FenceLost(Exception):
+    pass
+
+
 def state_frame(snap: AgentSnapshot) -> AgentStateFrame:
     return AgentStateFrame(
         logged_in=snap.logged_in, ready=snap.ready, call_state=snap.call_state, job_state=snap.job_state,
@@ -172,7 +217,10 @@ class TakeoverReport:
     desktop_errors: int = 0
     nuisance: int = 0
     detached: int = 0
-    wait_ms: float = 0.0
+    wait_ms: float = 0.0  # takeover start -> every stored agent's desktop back (or AppServerWaitTimeOut)
+    query_ms: float = 0.0  # gap events + STATE_QUERY round
+    write_ms: float = 0.0  # rows + failover log (one transaction)
+    send_ms: float = 0.0  # POM_AVAILABLE + AGENT_STATE to every desktop
     total_ms: float = 0.0
     outage_s: float = 0.0
     by_agent: dict[str, str] = field(default_factory=dict)
@@ -190,6 +238,14 @@ class ZoneRuntime:
         self.available = False
         self.lock = asyncio.Lock()
         self.reconnected: dict[str, float] = {}
+        # agents the takeover could not check with their desktop (not back in time): their pre-failover state and
+        # the call the takeover ended; checked when their desktop logs in later (``_late_check``)
+        self.unchecked: dict[str, tuple[AgentSnapshot, str | None]] = {}
+        self.checking: set[str] = set()
+        self._early: dict[str, asyncio.Task[StateReport | None]] = {}
+        self._pending: dict[str, asyncio.Task[StateReport | None]] = {}  # queries past the takeover's budget
+        self._taking_over: bytes | None = None  # the POM_NOT_AVAILABLE of a login during the takeover
+        self._checks: set[asyncio.Task[None]] = set()
         self._reconnect = asyncio.Event()
         self._loaded = asyncio.Event()  # logins wait for the stored rows (a login must not overwrite one)
         self._reports: dict[tuple[str, int | str], asyncio.Future[StateReport]] = {}
@@ -207,13 +263,7 @@ class ZoneRuntime:
         return bool(result)
 
     async def persist(self, rec: AgentRecord) -> bool:
-        s = rec.snap
-        return await self._fenced(
-            SQL_UPSERT_AGENT, self.zone, s.agent_id, s.logged_in, s.ready, s.call_state.value,
-            s.role.value if s.role else None, s.job_state.value if s.job_state else None, s.job_id, s.call_id,
-            rec.nailed, rec.login_time, rec.ha_time_s, rec.failovers, rec.nuisance_calls, rec.desktop_errors,
-            rec.last_completion_code, rec.last_closed_call_id, self.epoch,
-        )
+        return await self._fenced(SQL_UPSERT_AGENT, self.zone, *_row_args(rec), self.epoch)
 
     async def _zone_status(self, available: bool) -> None:
         await self._fenced(SQL_ZONE_STATUS, self.zone, available, self.daemon.config.server, self.epoch)
@@ -222,6 +272,8 @@ class ZoneRuntime:
     async def run(self) -> None:
         try:
             await self.takeover()
+            # offers queued for agents when the previous master died: re-offered or closed (queue.py)
+            self.requeued = await requeue_offers(self)
             await self._command_loop()
         finally:
             self.available = False
@@ -230,6 +282,8 @@ class ZoneRuntime:
             self.sessions.clear()
             for fut in self._reports.values():
                 fut.cancel()
+            for task in [*self._checks, *self._early.values(), *self._pending.values()]:
+                task.cancel()
 
     async def takeover(self) -> None:
         t0 = time.monotonic()
@@ -260,18 +314,24 @@ class ZoneRuntime:
         # 3. what the platform reported while the zone had no master
         released, answered = await self._gap_events()
         # 4. desktop check
+        # (the query of each desktop went out at its login, while the others were still coming back); a desktop
+        # that has not answered within REPORT_BUDGET_S is checked on its own afterwards (``_late_check``, with
+        # the same query). Not shorter: per-desktop checks are one fenced write each, a batch is one for all
         to_query = [a for a in known if a in self.reconnected and a in self.sessions]
-        replies = await asyncio.gather(*(self._query(a) for a in to_query))
-        reports = {a: r for a, r in zip(to_query, replies, strict=True) if r is not None}
+        reports = await self._collect_reports(to_query, REPORT_BUDGET_S)
         nailing = resolve_nailing(
             {a: self.agents[a].nailed for a in known}, {a: self.reconnected[a] for a in known if a in self.reconnected},
             t0, timeout_s,
         )
+        report.query_ms = (time.monotonic() - t0) * 1000 - report.wait_ms
         outcomes: dict[str, FailoverOutcome] = {}
         async with self.lock:
             end = datetime.now(UTC)
             report.outage_s = (end - outage_start).total_seconds()
-            for a in known:
+            logs: list[tuple[Any, ...]] = []
+            for i, a in enumerate(known):
+                if i % YIELD_EVERY == YIELD_EVERY - 1:
+                    await asyncio.sleep(0)  # the HA core's renewals share this loop: never starve them
                 rec = self.agents[a]
                 before = rec.snap
                 res = nailing[a]
@@ -297,36 +357,83 @@ class ZoneRuntime:
                     outcome.force_logout)
                 report.nuisance += outcome.completion_code is CompletionCode.NUISANCE
                 report.detached += outcome.job_detached
-                await self.persist(rec)
-                await self._fenced(
-                    SQL_FAILOVER_LOG, self.zone, a, self.epoch, before.call_state.value,
-                    rec.snap.call_state.value, rec.snap.job_state.value if rec.snap.job_state else None,
+                logs.append((
+                    a, before.call_state.value, rec.snap.call_state.value,
+                    rec.snap.job_state.value if rec.snap.job_state else None,
                     outcome.column.name if outcome.column else None, outcome.call_effect.name, res.nailed,
                     outcome.job_detached, desk.call_state.value if desk else None,
                     outcome.completion_code.name if outcome.completion_code else None, outcome.force_logout,
                     before.call_id, ha,
-                )
+                ))
+            for a in known:
+                o = outcomes[a]
+                if a not in reports and not o.force_logout and self.agents[a].snap.logged_in:
+                    ended = o.before.call_id if o.call_effect in (
+                        CallEffect.DISCONNECT_REPORTED, CallEffect.RELEASED) else None
+                    self.unchecked[a] = (o.before, ended)
+            # every agent's row and failover-log row in one transaction of two statements (was 2 per agent)
+            w0 = time.monotonic()
+            if not await self._persist_takeover([self.agents[a] for a in known], logs):
+                return  # no longer master: the term is ending
+            report.write_ms = (time.monotonic() - w0) * 1000
             self.available = True
             await self._zone_status(True)
-            for a, session in list(self.sessions.items()):
-                outcome_or_none = outcomes.get(a)
-                if outcome_or_none is not None and outcome_or_none.force_logout:
-                    self.sessions.pop(a, None)
-                    await session.send(ForcedLogout(reason="desktop_error", detail=report.by_agent[a][:2000]))
-                    session.detach()
-                    continue
-                await session.send(PomAvailable(zone=self.zone, master=self.daemon.config.server, epoch=self.epoch))
-                await session.send(state_frame(self.agents[a].snap))
-                if outcome_or_none is not None and outcome_or_none.call_effect in (
-                    CallEffect.DISCONNECT_REPORTED, CallEffect.RELEASED,
-                ) and outcome_or_none.before.call_id:
-                    await session.send(CallEvent(call_id=outcome_or_none.before.call_id, event="released"))
+            s0 = time.monotonic()
+            available = PomAvailable(zone=self.zone, master=self.daemon.config.server, epoch=self.epoch).to_bytes()
+            items = list(self.sessions.items())
+            for i in range(0, len(items), YIELD_EVERY):  # a chunk per loop turn (renewals go in between)
+                await asyncio.gather(*(self._announce(a, session, outcomes.get(a), report, available)
+                                       for a, session in items[i:i + YIELD_EVERY]))
+            report.send_ms = (time.monotonic() - s0) * 1000
         report.total_ms = (time.monotonic() - t0) * 1000
         self.report = report
         self._log.info("zone taken over", known_agents=report.known_agents, reconnected=report.reconnected,
                        desktop_errors=report.desktop_errors, nuisance=report.nuisance, detached=report.detached,
-                       wait_ms=round(report.wait_ms, 1), total_ms=round(report.total_ms, 1),
-                       outage_s=round(report.outage_s, 3))
+                       wait_ms=round(report.wait_ms, 1), query_ms=round(report.query_ms, 1),
+                       write_ms=round(report.write_ms, 1), send_ms=round(report.send_ms, 1),
+                       total_ms=round(report.total_ms, 1), outage_s=round(report.outage_s, 3))
+
+    async def _announce(self, agent_id: str, session: Session, outcome: FailoverOutcome | None,
+                        report: TakeoverReport, available: bytes) -> None:
+        """The end of the takeover at one desktop: POM_AVAILABLE + AGENT_STATE (+ the released call), or the
+        forced logout of a desktop whose account did not match."""
+        if agent_id in self.unchecked:
+            self._start_check(agent_id, session)  # logged in after the STATE_QUERY round
+            return
+        if outcome is not None and outcome.force_logout:
+            if self.sessions.get(agent_id) is session:
+                self.sessions.pop(agent_id, None)
+            await session.send(ForcedLogout(reason="desktop_error", detail=report.by_agent[agent_id][:2000]))
+            session.detach()
+            return
+        await session.send_bytes(available)  # the same POM_AVAILABLE for every desktop, serialised once
+        await session.send(state_frame(self.agents[agent_id].snap))
+        if outcome is not None and outcome.call_effect in (
+            CallEffect.DISCONNECT_REPORTED, CallEffect.RELEASED,
+        ) and outcome.before.call_id:
+            await session.send(CallEvent(call_id=outcome.before.call_id, event="released"))
+
+    async def _persist_takeover(self, recs: list[AgentRecord], logs: list[tuple[Any, ...]]) -> bool:
+        """The takeover's rows (``agents``) and ``agent_failover_log`` in one transaction under the fence."""
+        if not recs:
+            return True
+        pool = await self.daemon.app_db()
+        fence = LeaseFence(self.term.service, self.term.scope, self.term.epoch)
+        timeout = self.daemon.timings.store_timeout_s
+        cols = list(zip(*(_row_args(r) for r in recs), strict=True))
+        log_cols = list(zip(*logs, strict=True))
+        try:
+            async with pool.acquire(timeout=timeout) as conn, conn.transaction():
+                rows = await execute_fenced(conn, fence, SQL_UPSERT_AGENTS, self.zone, self.epoch,
+                                            *[list(c) for c in cols], timeout_s=timeout)
+                if not rows.fence_held:
+                    raise _FenceLost
+                await execute_fenced(conn, fence, SQL_FAILOVER_LOGS, self.zone, self.epoch,
+                                     *[list(c) for c in log_cols], timeout_s=timeout)
+        except _FenceLost:
+            self._log.warning("fenced write refused: no longer master of the zone")
+            return False
+        return True
 
     def _apply_outcome(self, rec: AgentRecord, outcome: FailoverOutcome, nailed: bool, ha: float) -> None:
         closed = outcome.before.call_id
@@ -373,13 +480,39 @@ class ZoneRuntime:
         )
         released: set[str] = set()
         answered: set[str] = set()
+        done: list[int] = []
         for r in rows:
             rec = self.agents.get(r["agent_id"])
             if rec is None or rec.snap.call_id != r["call_id"]:
                 continue  # not a call the stored state knows: the command loop applies (or refuses) it
             (released if r["event"] == "released" else answered).add(r["call_id"])
-            await self._fenced(SQL_COMMAND_DONE, r["id"], f"during failover: {r['event']}")
+            done.append(int(r["id"]))
+        if done:
+            await self._fenced(SQL_GAP_EVENTS_DONE, done)
         return released, answered
+
+    async def _collect_reports(self, agents: list[str], budget_s: float) -> dict[str, StateReport]:
+        """The desktops' reports to the STATE_QUERY sent at their login (a new query when that one went
+        unanswered), waited for at most ``budget_s``; the queries still open are kept in ``_pending`` for the
+        agents' late checks."""
+        tasks: dict[str, asyncio.Task[StateReport | None]] = {}
+        for a in agents:
+            task = self._early.pop(a, None)
+            if task is None or (task.done() and (task.cancelled() or task.result() is None)):
+                task = asyncio.create_task(self._query(a), name=f"state-query-{a}")
+            tasks[a] = task
+        for task in self._early.values():
+            task.cancel()
+        self._early.clear()
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=budget_s)
+        out: dict[str, StateReport] = {}
+        for a, task in tasks.items():
+            if not task.done():
+                self._pending[a] = task
+            elif not task.cancelled() and (report := task.result()) is not None:
+                out[a] = report
+        return out
 
     async def _query(self, agent_id: str) -> StateReport | None:
         session = self.sessions.get(agent_id)
@@ -409,6 +542,7 @@ class ZoneRuntime:
         await self._loaded.wait()
         async with self.lock:
             rec = self.agents.get(frame.agent_id)
+            stored = rec is not None and rec.snap.logged_in  # the takeover checks this agent with its desktop
             if rec is None or not rec.snap.logged_in:
                 base = rec.snap if rec else AgentSnapshot(frame.agent_id, self.zone)
                 snap = apply(base, AgentEvent(EventKind.LOGIN))
@@ -435,32 +569,129 @@ class ZoneRuntime:
                 heartbeat_miss_limit=self.daemon.desktop_miss_limit,
                 manager_addresses=self.daemon.manager_addresses,
             ))
-            if self.available:
+            if not stored:
+                self.unchecked.pop(frame.agent_id, None)  # logged out since the takeover: a fresh login
+            if self.available and stored and frame.agent_id in self.unchecked:
+                # a stored agent whose desktop returns after the takeover: checked like the others first
+                await session.send(PomNotAvailable(zone=self.zone, reason=(
+                    f"zone {self.zone}: checking agent {frame.agent_id}'s state with its desktop")))
+                self._start_check(frame.agent_id, session)
+            elif self.available:
                 await session.send(PomAvailable(zone=self.zone, master=self.daemon.config.server, epoch=self.epoch))
                 await session.send(state_frame(rec.snap))
             else:
-                await session.send(PomNotAvailable(
-                    zone=self.zone, reason=f"zone {self.zone}: {self.daemon.config.server} is taking the zone over"))
+                if self._taking_over is None:
+                    self._taking_over = PomNotAvailable(zone=self.zone, reason=(
+                        f"zone {self.zone}: {self.daemon.config.server} is taking the zone over")).to_bytes()
+                await session.send_bytes(self._taking_over)
                 self.reconnected.setdefault(frame.agent_id, time.monotonic())
+                if stored:
+                    # the desktop check's STATE_QUERY goes out now (compared with the stored pre-failover state,
+                    # which a login cannot change), so the takeover need not wait a round trip per desktop; a
+                    # query to an older session of the agent is dropped
+                    stale = self._early.pop(frame.agent_id, None)
+                    if stale is not None:
+                        stale.cancel()
+                    self._early[frame.agent_id] = asyncio.create_task(
+                        self._query(frame.agent_id), name=f"state-query-{frame.agent_id}")
                 self._reconnect.set()
 
+    def _start_check(self, agent_id: str, session: Session) -> None:
+        if agent_id in self.checking:
+            return
+        self.checking.add(agent_id)
+        task = asyncio.create_task(self._late_check(agent_id, session), name=f"late-check-{agent_id}")
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _late_check(self, agent_id: str, session: Session) -> None:
+        """The takeover's desktop check for an agent whose desktop came back after it: ``STATE_QUERY``, the report
+        compared with the agent's pre-failover state (as in the takeover). A mismatch closes the call
+        DESKTOP_ERROR and forces a logout; agreement gives ``POM_AVAILABLE`` + ``AGENT_STATE`` (+ ``CALL_EVENT
+        released`` for a call the takeover ended). The agent's ``agent_failover_log`` row of this term records
+        the desktop's state and the outcome. No answer within the query timeout is taken as agreement, as in the
+        takeover."""
+        try:
+            pending = self._pending.pop(agent_id, None)
+            desk = None
+            if pending is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    desk = await pending
+            if desk is None:
+                desk = await self._query(agent_id)
+            async with self.lock:
+                if self.sessions.get(agent_id) is not session or not self.term.active:
+                    return  # checked when its desktop logs in again
+                entry = self.unchecked.pop(agent_id, None)
+                if entry is None:
+                    return
+                before, ended = entry
+                rec = self.agents[agent_id]
+                check = None if desk is None else check_desktop_state(before, desk.call_state, desk.call_id)
+                desk_state = None if desk is None else desk.call_state.value
+                if check is not None and not check.matches:
+                    new = replace(rec, snap=AgentSnapshot(agent_id, self.zone), nailed=False, login_time=None,
+                                  desktop_errors=rec.desktop_errors + 1)
+                    code = check.completion_code.name if check.completion_code else None
+                    if code is not None:
+                        new.last_completion_code = code
+                        new.last_closed_call_id = rec.snap.call_id or before.call_id
+                    if not await self.persist(new):
+                        return
+                    self.agents[agent_id] = new
+                    await self._fenced(SQL_LATE_CHECK_LOG, self.zone, agent_id, self.epoch, desk_state, True, code,
+                                       "Idle")
+                    self._log.warning("late desktop state mismatch", detail=check.reason)
+                    if self.report is not None and self.report.epoch == self.epoch:
+                        self.report.desktop_errors += 1
+                    self.sessions.pop(agent_id, None)
+                    await session.send(ForcedLogout(reason="desktop_error", detail=check.reason[:2000]))
+                    session.detach()
+                    return
+                await self._fenced(SQL_LATE_CHECK_LOG, self.zone, agent_id, self.epoch, desk_state, False, None, None)
+                await session.send(PomAvailable(zone=self.zone, master=self.daemon.config.server, epoch=self.epoch))
+                await session.send(state_frame(rec.snap))
+                if ended is not None:
+                    await session.send(CallEvent(call_id=ended, event="released"))
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._log.warning("late desktop check failed; the desktop is closed and will log in again",
+                              agent=agent_id, error=str(exc))
+            session.abort()
+        finally:
+            self.checking.discard(agent_id)
+
     async def reset(self, reason: Any, detail: str, *, keep_closed: bool) -> int | None:
-        """Force every logged-in agent of the zone out (``FORCED_LOGOUT reason``), persisted first; with
-        ``keep_closed`` logins stay refused afterwards (the zone is about to be released). The number of
-        agents logged out, or None when the fence was lost (no longer master)."""
+        """Force every logged-in agent of the zone out (``FORCED_LOGOUT reason``), persisted first (one
+        statement); with ``keep_closed`` logins stay refused afterwards (the zone is about to be released). The
+        number of agents logged out, or None when the fence was lost (no longer master).
+
+        ``zone_reset`` ("Save and Apply"): a call in progress is recorded closed with ``ZONE_RESET``.
+        ``sdk_connection_lost`` (workspaces: the agent SDK's link broke, ``after_sdk_connection_lost``): a call
+        the agent was on is closed ``DESKTOP_ERROR`` (counted in ``desktop_errors``), an answered call still
+        pending for the agent is marked ``NUISANCE``; the agent is logged out at once (the guide logs a busy
+        agent out when its call ends, but with the SDK link gone the AM cannot follow the call to its end; the
+        platform's later ``released`` of it is recorded as refused, not lost)."""
         async with self.lock:
             self.resetting = True
-            count = 0
+            changed: list[AgentRecord] = []
             for agent_id, rec in list(self.agents.items()):
                 if not rec.snap.logged_in:
                     continue
                 new = replace(rec, snap=AgentSnapshot(agent_id, self.zone), nailed=False, login_time=None)
                 if rec.snap.call_id is not None:
-                    new.last_completion_code, new.last_closed_call_id = "ZONE_RESET", rec.snap.call_id
-                if not await self.persist(new):
-                    return None
-                self.agents[agent_id] = new
-                count += 1
+                    new.last_closed_call_id = rec.snap.call_id
+                    new.last_completion_code = "ZONE_RESET"
+                if reason == "sdk_connection_lost":
+                    code = after_sdk_connection_lost(rec.snap).completion_code
+                    if rec.snap.call_state is CallState.PENDING_CALL:
+                        new.last_completion_code, new.nuisance_calls = "NUISANCE", rec.nuisance_calls + 1
+                    elif code is not None:
+                        new.last_completion_code, new.desktop_errors = code.name, rec.desktop_errors + 1
+                changed.append(new)
+            if not await self._persist_many(changed):
+                return None
+            for new in changed:
+                self.agents[new.snap.agent_id] = new
             for agent_id, session in list(self.sessions.items()):
                 self.sessions.pop(agent_id, None)
                 await session.send(ForcedLogout(reason=reason, detail=detail[:2000]))
@@ -468,7 +699,14 @@ class ZoneRuntime:
                 session.close()
             if not keep_closed:
                 self.resetting = False
-            return count
+            return len(changed)
+
+    async def _persist_many(self, recs: list[AgentRecord]) -> bool:
+        """Rows of many agents in one fenced statement."""
+        if not recs:
+            return True
+        cols = list(zip(*(_row_args(r) for r in recs), strict=True))
+        return await self._fenced(SQL_UPSERT_AGENTS, self.zone, self.epoch, *[list(c) for c in cols])
 
     def reopen(self) -> None:
         self.resetting = False
@@ -482,6 +720,10 @@ class ZoneRuntime:
         if not self.available:
             await session.send(_error(req, "zone_unavailable",
                                       f"zone {self.zone} is being taken over: POM not available"))
+            return
+        if session.agent_id in self.checking:
+            await session.send(_error(req, "zone_unavailable", f"zone {self.zone}: agent {session.agent_id}'s state "
+                                      "is being checked with its desktop: POM not available"))
             return
         agent_id = session.agent_id
         assert agent_id is not None

@@ -38,7 +38,7 @@ MEMBER_ALIVE_S = 5.0
 RESERVED_LOAD = 1_000_000
 
 SQL_REQUESTS = """
-SELECT r.id, r.zone, r.allocated_server, r.handled_at IS NOT NULL AS handled,
+SELECT r.id, r.zone, r.allocated_server, r.reason, r.handled_at IS NOT NULL AS handled,
        EXTRACT(EPOCH FROM (coalesce(r.released_at, r.handled_at, now()) + r.grace_s * interval '1 second'
                            - now()))::float8 AS remaining_s,
        EXISTS (SELECT 1 FROM ha_member m WHERE m.service = 'agent_manager' AND m.server = r.allocated_server
@@ -137,13 +137,16 @@ class ZoneConfigWatcher:
             return  # not our zone (its master handles it; a free zone goes to the allocated AM)
         req_id = int(r["id"])
         self._busy.add(req_id)
-        self.daemon.spawn(self._handle(req_id, zone, r["allocated_server"], bool(r["alive"])),
+        self.daemon.spawn(self._handle(req_id, zone, r["allocated_server"], bool(r["alive"]), str(r["reason"])),
                           name=f"zone-apply-{req_id}")
 
-    async def _handle(self, req_id: int, zone: str, server: str, alive: bool) -> None:
+    async def _handle(self, req_id: int, zone: str, server: str, alive: bool, reason: str = "zone_reset") -> None:
         try:
             runtime = self.daemon.runtimes.get(zone)
             if runtime is None or not runtime.term.active:
+                return
+            if reason == "sdk_connection_lost":
+                await self._sdk_lost(runtime, req_id, zone, server, alive)
                 return
             moving = server != self.me
             if moving and not alive:
@@ -179,6 +182,35 @@ class ZoneConfigWatcher:
         finally:
             self._busy.discard(req_id)
             self._wake.set()
+
+    async def _sdk_lost(self, runtime: Any, req_id: int, zone: str, server: str, alive: bool) -> None:
+        """Workspaces: the agent SDK's link to this AM broke for the zone. Every agent is logged out
+        (``FORCED_LOGOUT sdk_connection_lost``, calls closed DESKTOP_ERROR); the zone goes to the secondary AM
+        (``server``) when it is alive, where the desktops log in again; otherwise it stays here and they log in
+        again here (their secondary address refuses them and names this master)."""
+        moving = server != self.me and alive
+        count = await runtime.reset("sdk_connection_lost", f"zone {zone}: the agent SDK connection to the Agent "
+                                    f"Manager on {self.me} broke; log in again at the secondary address "
+                                    f"({server})", keep_closed=moving)
+        if count is None:
+            self._log.warning("sdk connection lost: no longer master before the agents were logged out", zone=zone)
+            return
+        result = f"sdk_connection_lost: {count} agent(s) logged out; " + (
+            f"zone handed to the secondary Agent Manager on {server}" if moving else
+            f"zone kept by {self.me}" + ("" if server == self.me else f" (no live Agent Manager on {server})"))
+        if not await self.daemon.fenced_execute(runtime.term, SQL_HANDLED, req_id, self.me, count, result):
+            self._log.warning("sdk connection lost: fence lost before the request was marked", zone=zone)
+            return
+        self._log.warning("agent sdk connection lost", zone=zone, request=req_id, secondary=server, logged_out=count,
+                          moving=moving)
+        if not moving:
+            runtime.reopen()
+            return
+        self.reserve(zone, server, await self._grace(req_id))
+        elector = next(e for e in self.daemon.electors if e.scope == zone and e.service == runtime.term.service)
+        await elector.release(f"zone {zone}: agent SDK connection lost, handed to {server}")
+        pool = await self.daemon.app_db()
+        await pool.execute(SQL_RELEASED, req_id)
 
     async def _grace(self, req_id: int) -> float:
         pool = await self.daemon.app_db()

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import ssl
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import structlog
 
 from pom_ha.config import ConfigError, load_topology
 from pom_ha.desktop.client import BotAgent, BotSettings, DesktopClient
+from pom_ha.desktop.tls import DesktopTlsError, client_context
 from pom_ha.ha.logsetup import configure_logging
 
 log = structlog.get_logger("services.desktop_simulator")
@@ -44,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--agent-prefix", default=None, help="agent ids are <prefix><n> (default sim-<zone>-)")
     p.add_argument("--report-s", type=float, default=5.0, help="seconds between count reports (0.1-3600)")
     p.add_argument("--port", type=int, default=None, help="desktop port (default ports.desktop)")
+    p.add_argument("--tls-ca", default=None, help="PEM CA of the AMs' desktop-port certificates: connect over TLS")
     p.add_argument("--instance-tag", default=None, help="free-form tag (the lab uses it to find the process)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -58,12 +61,12 @@ class Bot:
 
 class Simulator:
     def __init__(self, addresses: list[tuple[str, int]], zone: str, agent_ids: list[str], settings: BotSettings,
-                 report_s: float) -> None:
+                 report_s: float, ssl_context: ssl.SSLContext | None = None) -> None:
         self.zone = zone
         self.report_s = report_s
         self.bots: list[Bot] = []
         for a in agent_ids:
-            client = DesktopClient(addresses, a, zone, desktop_id=f"sim-{a}")
+            client = DesktopClient(addresses, a, zone, desktop_id=f"sim-{a}", ssl_context=ssl_context)
             self.bots.append(Bot(client, BotAgent(client, settings)))
 
     def counts(self) -> dict[str, Any]:
@@ -135,14 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--report-s must be 0.1..3600")
         settings = BotSettings(talk_s=args.talk_s, wrap_s=args.wrap_s, jitter=args.jitter,
                                completion_code=args.completion_code, job_id=args.job or None)
-    except (ConfigError, ValueError) as exc:
+        tls = None if args.tls_ca is None else client_context(args.tls_ca)
+    except (ConfigError, ValueError, DesktopTlsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     port = topo.ports.desktop if args.port is None else args.port
     addresses = [(server.address, port)] + [(s.address, port) for s in topo.servers if s.name != server.name]
     prefix = args.agent_prefix if args.agent_prefix is not None else f"sim-{args.zone}-"
     agent_ids = [f"{prefix}{i:04d}" for i in range(1, args.agents + 1)]
-    return asyncio.run(amain(Simulator(addresses, args.zone, agent_ids, settings, args.report_s)))
+    return asyncio.run(amain(Simulator(addresses, args.zone, agent_ids, settings, args.report_s, tls)))
 
 
 if __name__ == "__main__":
