@@ -72,6 +72,7 @@ class PortsSection(_Strict):
     media_simulator: int = 7400
     desktop: int = 7500
     console: int = 8080
+    rest_api: int = 8090
 
 
 class KafkaSection(_Strict):

@@ -22,9 +22,13 @@ from pom_ha.infra.process import InfraError, ProcessRecord
 
 #: Debian's package (apt ``activemq``); the launcher uses only its jars, never its init script
 AMQ_HOME = Path("/usr/share/activemq")
-#: lease duration (ms) and how often the master renews it: failover after SIGKILL takes 1-2 leases
-LEASE_MS = 1000
-KEEPALIVE_MS = 500
+#: lease duration (ms) and how often the master renews it. The lease-database-locker uses one value,
+#: lockAcquireSleepInterval, both as the lease duration and as the slave's retry period, so after a
+#: SIGKILL the slave holds the lease 0.4-1.0 s later (the lease left: 400-500 ms, plus up to one retry
+#: period). Renewing every 100 ms keeps 400 ms of slack (a renewal may come that late) before a slow
+#: master loses its lease. See docs/activemq.md "Failover time".
+LEASE_MS = 500
+KEEPALIVE_MS = 100
 
 # The module flags of Debian's /usr/bin/activemq for Java > 8 (ActiveMQ's own tested list).
 _JAVA_MODULE_FLAGS = [
@@ -140,6 +144,9 @@ class ActiveMQLauncher(Launcher):
             "-Xms64m",
             "-Xmx256m",
             "-XX:+UseSerialGC",
+            # C1 only: the new master's start after taking the lease (connectors, STOMP classes) runs
+            # cold code; on a busy 2-core host C2 compiler threads competed with it (docs/activemq.md)
+            "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
             f"-Djava.io.tmpdir={self.home / 'tmp'}",
             *_JAVA_MODULE_FLAGS,

@@ -12,9 +12,15 @@ def test_the_guides_defaults_map_to_librdkafka_with_idempotence() -> None:
     s = map_producer_config(GUIDE_DEFAULTS)
     assert s.librdkafka == {
         "enable.idempotence": True, "acks": "all", "retries": 2, "retry.backoff.ms": 10000,
-        "retry.backoff.max.ms": 10000, "request.timeout.ms": 120000, "linger.ms": 5, "message.timeout.ms": 120005,
+        "retry.backoff.max.ms": 10000, "request.timeout.ms": 120000, "linger.ms": 100, "message.timeout.ms": 120100,
+        "compression.type": "zstd",
     }
     assert s.max_block_ms == 50000 and not s.overridden and s.ignored == ()
+
+
+def test_a_table_row_wins_over_the_compression_and_linger_defaults() -> None:
+    lib = map_producer_config({"compression.type": "none", "linger.ms": "5"}).librdkafka
+    assert lib["compression.type"] == "none" and lib["linger.ms"] == 5 and lib["message.timeout.ms"] == 120005
 
 
 def test_an_empty_table_means_the_guides_defaults() -> None:
