@@ -17,6 +17,7 @@ from pom_ha.infra.process import InfraError
 from pom_ha.kafka.cli import kafka_group
 from pom_ha.lab.cli import lab as lab_group
 from pom_ha.zones.cli import zone_group
+from pom_ha.zones.sdk_link import agents_group
 
 T = TypeVar("T")
 
@@ -222,19 +223,36 @@ def bench_infra_up(as_json: bool, topology_path: str | None) -> None:
 
 @bench.command("failover")
 @click.option("--mode", type=click.Choice(["kill", "stop", "graceful", "partition"]), default="kill")
-@click.option("--component", type=click.Choice(["probe", "cd", "cm", "re"]), default="probe", show_default=True,
-              help="probe: the HA core alone (ha-probe daemons); cd/cm/re: that component in a dialing platform "
-                   "(kill only)")
-@click.option("--trials", type=click.IntRange(1, 200), default=20)
+@click.option("--component", type=click.Choice(["probe", "cd", "cm", "re", "am"]), default="probe",
+              show_default=True,
+              help="probe: the HA core alone (ha-probe daemons); cd/cm/re: that component in a dialing platform; "
+                   "am: the Agent Manager with --agents desktops (kill only)")
+@click.option("--trials", type=click.IntRange(1, 200), default=None, help="default 20 (am: 5)")
+@click.option("--agents", type=click.IntRange(1, 20_000), default=1000, show_default=True,
+              help="am: logged-in desktops (30 % of them on a call)")
 @click.option("--json", "as_json", is_flag=True)
 @topology_option
-def bench_failover(mode: str, component: str, trials: int, as_json: bool, topology_path: str | None) -> None:
-    """Fault of the master -> the new master's first fenced write (probe), or -> dialing again (cm, re) or the
-    new Common CD's first fenced action (cd)."""
+def bench_failover(mode: str, component: str, trials: int | None, agents: int, as_json: bool,
+                   topology_path: str | None) -> None:
+    """Fault of the master -> the new master's first fenced write (probe), or -> dialing again (cm, re), the
+    new Common CD's first fenced action (cd), or the zone available with every desktop back (am)."""
+    if component != "probe" and mode != "kill":
+        click.echo(f"error: --component {component} supports --mode kill only", err=True)
+        sys.exit(2)
+    if component == "am":
+        from pom_ha.bench.agents import run_am_failover
+
+        a = _run(run_am_failover(_topology(topology_path), agents=agents, trials=trials or 5, echo=click.echo))
+        click.echo(json.dumps(a) if as_json else (
+            f"am kill, {a['agents']} agents ({a['on_call']} on a call), {a['trials']} trials: kill -> zone available"
+            f" and every desktop back p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms (target {a['target_p99_ms']:.0f}"
+            f" ms); detection p99 {a['detection']['p99_ms']} ms, init p99 {a['init']['p99_ms']} ms; vs POM's "
+            f"{a['pom_detection_s']:.0f} s + initialisation: {a['pom_ratio_p99']}x faster (p99)\n"
+            f"PostgreSQL CPU: {a['pg_cpu_failover_pct']} % of a core during failover vs {a['pg_cpu_quiet_pct']} %"
+            f" quiet: +{a['pg_cpu_increase_pct']} points (POM: +{a['pom_pg_cpu_increase']})"))
+        return
+    trials = trials or 20
     if component != "probe":
-        if mode != "kill":
-            click.echo(f"error: --component {component} supports --mode kill only", err=True)
-            sys.exit(2)
         from pom_ha.bench.campaigns import run_component_failover
 
         c = _run(run_component_failover(_topology(topology_path), component, trials,  # type: ignore[arg-type]
@@ -290,6 +308,24 @@ def bench_import(records: int, as_json: bool, topology_path: str | None) -> None
         f"{r['seconds']} s); {r['pom_ratio']}x POM's 500,000/h"))
 
 
+@bench.command("pacing")
+@click.option("--agents", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--seconds", type=click.FloatRange(60, 7 * 24 * 3600), default=8 * 3600.0, show_default=True,
+              help="simulated seconds of the working day (not wall time)")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--abandon-cap", type=click.FloatRange(0.001, 0.5), default=0.03, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_pacing(agents: int, seconds: float, seed: int, abandon_cap: float, as_json: bool) -> None:
+    """Predictive pacing: agent occupancy and abandon rate, the real pacer in a seeded call model."""
+    from pom_ha.bench.pacing import run_bench as run_pacing
+
+    r = run_pacing(agents, seconds, seed=seed, abandon_cap=abandon_cap)
+    click.echo(json.dumps(r) if as_json else (
+        f"{agents} agents, predictive: occupancy {r['occupancy']:.1%}, abandon rate {r['abandon_rate']:.2%} "
+        f"(cap {abandon_cap:.0%}), {r['calls']} calls, {r['answers']} live answers; progressive occupancy "
+        f"{r['progressive']['occupancy']:.1%} ({r['model']})"))  # type: ignore[index]
+
+
 # ---- campaign, list, job: campaign administration (pom_ha/campaign/cli.py) -------------------------------
 for _group in CAMPAIGN_COMMANDS:
     main.add_command(_group)
@@ -299,6 +335,13 @@ main.add_command(kafka_group)
 main.add_command(lab_group)
 # ---- zone: Agent Manager zone allocation, "Save" and "Save and Apply" (pom_ha/zones/cli.py) ------------------
 main.add_command(zone_group)
+# ---- agents: the workspaces scenario (pom_ha/zones/sdk_link.py) --------------------------------------------------
+main.add_command(agents_group)
+# ---- bench activemq-failover / kafka-bytes: messaging benchmarks (pom_ha/bench/messaging_cli.py) -------------
+from pom_ha.bench.messaging_cli import bench_activemq_failover, bench_kafka_bytes  # noqa: E402
+
+bench.add_command(bench_activemq_failover)
+bench.add_command(bench_kafka_bytes)
 
 
 if __name__ == "__main__":
