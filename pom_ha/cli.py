@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
-from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import click
 
 from pom_ha.campaign.cli import COMMANDS as CAMPAIGN_COMMANDS
-from pom_ha.config import ConfigError, Topology, load_topology
+from pom_ha.cli_support import run_or_exit, topology_option, topology_or_exit
 from pom_ha.infra.process import InfraError
 from pom_ha.kafka.cli import kafka_group
 from pom_ha.lab.cli import lab as lab_group
@@ -21,30 +19,8 @@ from pom_ha.zones.sdk_link import agents_group
 
 T = TypeVar("T")
 
-topology_option = click.option(
-    "--topology",
-    "topology_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    envvar="POM_TOPOLOGY",
-    help="topology file (default config/lab.toml)",
-)
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except (ConfigError, InfraError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-
-
-def _topology(path: str | None) -> Topology:
-    try:
-        return load_topology(path)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+_run = run_or_exit
+_topology = topology_or_exit
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -326,6 +302,42 @@ def bench_pacing(agents: int, seconds: float, seed: int, abandon_cap: float, as_
         f"{r['progressive']['occupancy']:.1%} ({r['model']})"))  # type: ignore[index]
 
 
+@bench.command("activemq-failover")
+@click.option("--trials", type=click.IntRange(1, 200), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@topology_option
+def bench_activemq_failover(trials: int, as_json: bool, topology_path: str | None) -> None:
+    """SIGKILL of the ActiveMQ master -> the first receipted STOMP send on the new master (postgres +
+    the two brokers on an isolated copy of the topology)."""
+    from pom_ha.bench.activemq import run_bench
+
+    r = _run(run_bench(_topology(topology_path), trials, echo=click.echo))
+    click.echo(json.dumps(r) if as_json else (
+        f"ActiveMQ master SIGKILL -> first confirmed send, {r['trials']} trials: p50 {r['p50_ms']} ms, "
+        f"p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms (lease {r['lease_ms']} ms); "
+        f"vs POM's {r['pom_s']:.0f} s: {r['pom_ratio_p99']}x faster (p99)"))
+
+
+@bench.command("kafka-bytes")
+@click.option("--attempts", type=click.IntRange(100, 10_000_000), default=2_000, show_default=True,
+              help="attempts replayed at the guide's 67,000/hour (2,000: about 2 min of dialing)")
+@click.option("--attempts-per-hour", type=click.FloatRange(1000, 10_000_000), default=67_000, show_default=True,
+              help="replay rate; records per batch follow it, so keep the guide's rate to measure its case")
+@click.option("--json", "as_json", is_flag=True)
+@topology_option
+def bench_kafka_bytes(attempts: int, attempts_per_hour: float, as_json: bool, topology_path: str | None) -> None:
+    """Bytes on the brokers' disks per dialing attempt over the six Event SDK topics, for the guide's event
+    mix, produced with the real producer settings to a 3-broker Kafka (isolated copy of the topology)."""
+    from pom_ha.bench.kafka import run_bench
+
+    r = _run(run_bench(_topology(topology_path), attempts, echo=click.echo, attempts_per_hour=attempts_per_hour))
+    click.echo(json.dumps(r) if as_json else (
+        f"{r['bytes_per_attempt']:.0f} bytes/attempt over the six topics ({r['attempts']} attempts, "
+        f"{r['events']} events, {r['log_bytes']:,} bytes in the leaders' log segments, compression "
+        f"{r['compression']}, linger {r['linger_ms']} ms); the guide's settings taken literally: "
+        f"{r['baseline_bytes_per_attempt']:.0f} bytes/attempt; the guide's sample {r['guide_bytes_per_attempt']:,}"))
+
+
 # ---- campaign, list, job: campaign administration (pom_ha/campaign/cli.py) -------------------------------
 for _group in CAMPAIGN_COMMANDS:
     main.add_command(_group)
@@ -337,11 +349,6 @@ main.add_command(lab_group)
 main.add_command(zone_group)
 # ---- agents: the workspaces scenario (pom_ha/zones/sdk_link.py) --------------------------------------------------
 main.add_command(agents_group)
-# ---- bench activemq-failover / kafka-bytes: messaging benchmarks (pom_ha/bench/messaging_cli.py) -------------
-from pom_ha.bench.messaging_cli import bench_activemq_failover, bench_kafka_bytes  # noqa: E402
-
-bench.add_command(bench_activemq_failover)
-bench.add_command(bench_kafka_bytes)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import statistics
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from pom_ha.bench.failover import percentile
+from pom_ha.bench.failover import latency_summary, percentile
 from pom_ha.bench.isolated import isolated_topology
 from pom_ha.config import Topology
 from pom_ha.infra.activemq import KEEPALIVE_MS, LEASE_MS, MASTER, SLAVE, ActiveMQLauncher, stomp_addresses
@@ -125,11 +124,7 @@ async def run_bench(base: Topology, trials: int, echo: Callable[[str], None] = p
     p99 = percentile(samples, 99)
     return {
         "trials": trials,
-        "p50_ms": round(percentile(samples, 50), 1),
-        "p95_ms": round(percentile(samples, 95), 1),
-        "p99_ms": round(p99, 1),
-        "max_ms": round(max(samples), 1),
-        "mean_ms": round(statistics.fmean(samples), 1),
+        **latency_summary(samples),
         "samples_ms": [round(s, 1) for s in samples],
         "lease_ms": LEASE_MS,
         "keepalive_ms": KEEPALIVE_MS,

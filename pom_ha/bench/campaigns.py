@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import shutil
-import statistics
 import time
 import urllib.request
 import uuid
@@ -34,7 +33,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from pom_ha.bench.failover import percentile
+from pom_ha.bench.failover import latency_summary, percentile
 from pom_ha.bench.isolated import isolated_topology
 from pom_ha.config import Topology, dump_topology
 from pom_ha.infra.postgres import PostgresLauncher
@@ -394,8 +393,7 @@ async def run_component_failover(
     p99 = percentile(samples, 99)
     return {
         "component": component, "mode": "kill", "trials": trials,
-        "p50_ms": round(percentile(samples, 50), 1), "p95_ms": round(percentile(samples, 95), 1),
-        "p99_ms": round(p99, 1), "max_ms": round(max(samples), 1), "mean_ms": round(statistics.fmean(samples), 1),
+        **latency_summary(samples),
         "duplicate_attempts": int(dup), "pom_s": POM_FAILOVER_S[component],
         "pom_ratio_p99": round(POM_FAILOVER_S[component] * 1000 / p99, 1),
     }

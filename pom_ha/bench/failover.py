@@ -39,6 +39,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
+def latency_summary(samples_ms: list[float]) -> dict[str, float]:
+    """The keys every latency bench prints: p50 / p95 / p99 / max / mean, in ms, one decimal."""
+    return {
+        "p50_ms": round(percentile(samples_ms, 50), 1),
+        "p95_ms": round(percentile(samples_ms, 95), 1),
+        "p99_ms": round(percentile(samples_ms, 99), 1),
+        "max_ms": round(max(samples_ms), 1),
+        "mean_ms": round(statistics.fmean(samples_ms), 1),
+    }
+
+
 async def _wait_dormant(conn: asyncpg.Connection, server: str, since: float, timeout_s: float = 30) -> None:
     """Until ``server``'s probe (started after ``since``, monotonic) shows up as DORMANT."""
     deadline = time.monotonic() + timeout_s
@@ -123,11 +134,7 @@ async def run_bench(
     return {
         "mode": mode,
         "trials": trials,
-        "p50_ms": round(percentile(samples, 50), 1),
-        "p95_ms": round(percentile(samples, 95), 1),
-        "p99_ms": round(p99, 1),
-        "max_ms": round(max(samples), 1),
-        "mean_ms": round(statistics.fmean(samples), 1),
+        **latency_summary(samples),
         "overlaps": overlaps,
         "pom_ratio_p99": {k: round(v * 1000 / p99, 1) for k, v in POM_FAILOVER_S.items()},
     }

@@ -10,11 +10,11 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
-from pom_ha.config import ConfigError, Topology, load_topology
+from pom_ha.cli_support import fail, topology_option, topology_or_exit
+from pom_ha.config import ConfigError
 from pom_ha.infra.process import InfraError
 from pom_ha.kafka.render import ExternalServer, RenderError, plan_cluster, render_cluster
 from pom_ha.kafka.sizing import (
@@ -28,26 +28,9 @@ from pom_ha.kafka.sizing import (
 from pom_ha.kafka.tls import KafkaTlsError
 from pom_ha.kafka.verify import all_passed, format_checks, verify_cluster
 
-_topology_option = click.option(
-    "--topology",
-    "topology_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    envvar="POM_TOPOLOGY",
-    help="topology file (default config/lab.toml)",
-)
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def _topology(path: str | None) -> Topology:
-    try:
-        return load_topology(path)
-    except ConfigError as exc:
-        _fail(str(exc))
+_topology_option = topology_option
+_fail = fail
+_topology = topology_or_exit
 
 
 @click.group("kafka")

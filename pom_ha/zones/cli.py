@@ -41,6 +41,15 @@ def apply_warning(zone: str, server: str) -> str:
             f"the zone then moves to {server}'s Agent Manager and the desktops log in again there.")
 
 
+async def connect(topo: Topology, error: type[Exception]) -> asyncpg.Connection:
+    """A connection to the lab's PostgreSQL, or ``error`` saying it cannot be reached (no secret in it)."""
+    try:
+        return await asyncpg.connect(topo.postgres.dsn(), timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise error(f"cannot reach PostgreSQL at {topo.postgres.address}:{topo.postgres.port}: "
+                    f"{type(exc).__name__}") from None
+
+
 def validate(topo: Topology, zone: str, server: str) -> None:
     zones = [z.name for z in topo.zones]
     servers = [s.name for s in topo.servers]
@@ -54,11 +63,7 @@ async def allocate(topo: Topology, zone: str, server: str, *, apply: bool, grace
                    requested_by: str | None = None) -> Allocation:
     """Record the allocation (and, with ``apply``, the apply request) in one transaction."""
     validate(topo, zone, server)
-    try:
-        conn = await asyncpg.connect(topo.postgres.dsn(), timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise ZoneConfigError(f"cannot reach PostgreSQL at {topo.postgres.address}:{topo.postgres.port}: "
-                              f"{type(exc).__name__}") from None
+    conn = await connect(topo, ZoneConfigError)
     try:
         async with conn.transaction():
             address = topo.server(server).address
@@ -91,11 +96,7 @@ async def read_allocation(topo: Topology, zone: str) -> ZoneAllocation:
     """The zone's recorded allocation and latest apply request (``result`` is written by the zone's AM)."""
     if zone not in [z.name for z in topo.zones]:
         raise ZoneConfigError(f"unknown zone {zone!r}: the topology's zones are {[z.name for z in topo.zones]}")
-    try:
-        conn = await asyncpg.connect(topo.postgres.dsn(), timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise ZoneConfigError(f"cannot reach PostgreSQL at {topo.postgres.address}:{topo.postgres.port}: "
-                              f"{type(exc).__name__}") from None
+    conn = await connect(topo, ZoneConfigError)
     try:
         server = await conn.fetchval("SELECT allocated_server FROM zones WHERE name = $1", zone)
         row = await conn.fetchrow(

@@ -22,6 +22,7 @@ import asyncpg
 import click
 
 from pom_ha.config import Topology, load_topology
+from pom_ha.zones.cli import connect
 
 MEMBER_ALIVE_S = 5.0
 GRACE_S = 15.0
@@ -40,11 +41,7 @@ class SdkLossRequest:
 
 
 async def _connect(topo: Topology) -> asyncpg.Connection:
-    try:
-        return await asyncpg.connect(topo.postgres.dsn(), timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise SdkLinkError(f"cannot reach PostgreSQL at {topo.postgres.address}:{topo.postgres.port}: "
-                           f"{type(exc).__name__}") from None
+    return await connect(topo, SdkLinkError)
 
 
 async def request_sdk_lost(
