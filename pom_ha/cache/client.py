@@ -260,6 +260,13 @@ class OperationalCache:
                     if client is not None:
                         await self._drop(client)
                     last: BaseException = exc
+                elif self._created or self._ready_client is not None:
+                    # pyignite reconnected this client underneath to a cluster that came back empty: the caches
+                    # it created before are gone, so the memo is stale; forget it and try once more (an
+                    # ungated operation then creates its caches again, a plain one fails as "being rebuilt")
+                    self._created, self._ready_client = set(), None  # and check the generation again
+                    self.stats.retries += 1
+                    last = exc
                 else:
                     self.stats.refused += 1
                     raise error(what, "the whole cache was lost and is being rebuilt from PostgreSQL (its caches "

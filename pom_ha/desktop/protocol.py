@@ -49,6 +49,7 @@ ErrorCode = Literal[
     "unknown_zone",
     "invalid_transition",  # the agent's state does not allow the request (pom_ha.domain.agents)
     "zone_unavailable",  # the zone has no master right now (POM_NOT_AVAILABLE was sent)
+    "callback_refused",  # after a WRAP_UP's OK: the cache service did not store its callback (docs/cache-service.md)
     "heartbeat_timeout",  # fatal
 ]
 FATAL_CODES = frozenset({"malformed", "oversized", "unsupported_version", "heartbeat_timeout"})

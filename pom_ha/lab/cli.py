@@ -8,19 +8,11 @@ from pathlib import Path
 
 import click
 
-from pom_ha.config import ConfigError, Topology, dump_topology, load_topology
+from pom_ha.cli_support import topology_option, topology_or_exit
+from pom_ha.config import ConfigError, Topology, dump_topology
 from pom_ha.infra.process import InfraError
 
-topology_option = click.option("--topology", "topology_path", type=click.Path(dir_okay=False), default=None,
-                               envvar="POM_TOPOLOGY", help="topology file (default config/lab.toml)")
-
-
-def _topology(path: str | None) -> Topology:
-    try:
-        return load_topology(path)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+_topology = topology_or_exit
 
 
 def _topology_file(topo: Topology, path: str | None) -> Path:
@@ -40,14 +32,16 @@ def lab() -> None:
 
 
 @lab.command("up")
-@click.option("--demo/--no-demo", default=True, show_default=True, help="create and start the demo campaign")
+@click.option("--demo/--no-demo", default=True, show_default=True,
+              help="create and start the demo campaigns (agentless, and agent-based with 50 bot agents per zone)")
 @click.option("--contacts", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
 @click.option("--calls-per-second", type=click.FloatRange(0.1, 2000), default=25.0, show_default=True)
 @topology_option
 def lab_up(demo: bool, contacts: int, calls_per_second: float, topology_path: str | None) -> None:
-    """Start the servers, then every daemon on every POM server, then the demo campaign; print the tables."""
+    """Start the servers, then every daemon on every POM server, then the demo campaigns (agentless; predictive
+    in two zones with a desktop simulator of 50 agents each); print the tables."""
     from pom_ha.infra.stack import Stack
-    from pom_ha.lab.platform import create_demo, start_platform, wait_platform
+    from pom_ha.lab.platform import create_agent_demo, create_demo, start_desktops, start_platform, wait_platform
     from pom_ha.status import read_table
 
     topo = _topology(topology_path)
@@ -62,6 +56,8 @@ def lab_up(demo: bool, contacts: int, calls_per_second: float, topology_path: st
         if demo:
             click.echo(await create_demo(topo, contacts=contacts, calls_per_second=calls_per_second,
                                          echo=click.echo))
+            jobs = await create_agent_demo(topo, echo=click.echo)
+            start_desktops(topo, _topology_file(topo, topology_path), jobs, echo=click.echo)
         table = await read_table(topo.postgres.dsn(), [s.name for s in topo.servers])
         from pom_ha.cli import _table
 

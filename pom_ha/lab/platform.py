@@ -6,8 +6,11 @@ Campaign Manager, an Agent Manager (the topology's zones) and an Enriched Attemp
 the server's uid (the cache service as the operator, so that it can start its node under that uid).
 ``wait_platform`` waits until each HA component has registered on every server and the singletons have a
 master. ``create_demo`` makes an agentless campaign over a generated list of contacts (imported by the
-Common CD from a CSV file, like an operator's import) and starts it. Everything is idempotent: a second
-``lab up`` leaves running daemons alone and does not create a second demo.
+Common CD from a CSV file, like an operator's import) and starts it. ``create_agent_demo`` adds an
+agent-based (predictive) campaign in each of the topology's first two zones over the same list, and
+``start_desktops`` a desktop simulator per zone (``services/desktop_simulator``, 50 bot agents attached
+to that zone's job). Everything is idempotent: a second ``lab up`` leaves running daemons alone and does
+not create a second demo.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pom_ha.lab.daemons import start_daemon
 
 # start order: what the others talk to comes first
 PLATFORM_DAEMONS = ("cache-service", "media-simulator", "rule-engine", "campaign-director", "campaign-manager",
-                    "agent-manager", "event-aggregator")
+                    "agent-manager", "event-aggregator", "rest-api")
 HA_SERVICES = {"cache-service": "cache_service", "rule-engine": "rule_engine",
                "campaign-director": "campaign_director", "campaign-manager": "campaign_manager",
                "agent-manager": "agent_manager", "event-aggregator": "event_aggregator"}
@@ -40,6 +43,8 @@ SINGLETONS = ("rule_engine", "campaign_director", "event_aggregator")
 # lab operator, like the launchers; every other daemon runs under its server's uid
 AS_OPERATOR = frozenset({"cache-service"})
 DEMO_CAMPAIGN = "demo-agentless"
+AGENT_CAMPAIGN = "demo-agents"  # one per zone: demo-agents-<zone>
+AGENTS_PER_ZONE = 50
 DEMO_LIST = "demo-contacts"
 # time zones the demo contacts live in; only those whose local time is inside the default calling
 # window (08:00-21:00) when the demo is created are used, so the demo dials whenever it is started
@@ -171,3 +176,61 @@ async def create_demo(
         return f"demo campaign {DEMO_CAMPAIGN!r} started: job {job.id} dials at {calls_per_second:g} calls/s"
     finally:
         await conn.close()
+
+
+def agent_definition(zone: str) -> dict[str, Any]:
+    return {
+        "name": f"{AGENT_CAMPAIGN}-{zone}",
+        "contact_list": DEMO_LIST,
+        "pacing": {"kind": "predictive", "abandon_cap": 0.03},
+        "strategy": {"max_attempts": 3, "default_retry_interval_s": 30,
+                     "retry_intervals_s": {"BUSY": 10, "NO_ANSWER": 20}},
+        "finish": {"all_contacts_done": True},
+    }
+
+
+def agent_zones(topo: Topology) -> list[str]:
+    """The zones that get an agent-based demo campaign: the topology's first two."""
+    return [z.name for z in topo.zones[:2]]
+
+
+async def create_agent_demo(topo: Topology, echo: Callable[[str], None] = print) -> dict[str, int]:
+    """A predictive campaign per zone of :func:`agent_zones` over the demo list (which ``create_demo``
+    imported), started unless it exists; returns each zone's job id."""
+    from pom_ha.campaign import admin
+
+    jobs: dict[str, int] = {}
+    conn = await asyncpg.connect(topo.postgres.dsn(), timeout=5)
+    try:
+        for zone in agent_zones(topo):
+            name = f"{AGENT_CAMPAIGN}-{zone}"
+            job = await conn.fetchval("SELECT j.id FROM jobs j JOIN campaigns c ON c.id = j.campaign_id"
+                                      " WHERE c.name = $1 ORDER BY j.id DESC LIMIT 1", name)
+            if job is None:
+                if not await conn.fetchval("SELECT 1 FROM campaigns WHERE name = $1", name):
+                    await admin.create_campaign(conn, agent_definition(zone), zone=zone)
+                job = (await admin.start_campaign(conn, name)).id
+                echo(f"  demo: agent-based campaign {name!r} (predictive, abandon cap 3 %) started: job {job}"
+                     f" in zone {zone}")
+            jobs[zone] = int(job)
+    finally:
+        await conn.close()
+    return jobs
+
+
+def start_desktops(topo: Topology, topology_file: Path, jobs: dict[str, int], *, agents: int = AGENTS_PER_ZONE,
+                   echo: Callable[[str], None] = print) -> list[ProcessRecord]:
+    """A desktop simulator per zone of ``jobs`` (``agents`` bots attached to the zone's job), beside a
+    different server each; those already running are left alone. Returns the records of those started."""
+    run_dir = topo.lab_dir() / "run"
+    running = {r.name for r in records(run_dir) if r.alive()}
+    started: list[ProcessRecord] = []
+    for i, (zone, job) in enumerate(sorted(jobs.items())):
+        name = f"desktop-simulator-{zone}"
+        if name in running:
+            continue
+        server = topo.servers[i % len(topo.servers)].name
+        started.append(start_daemon(topo, topology_file, server, "desktop-simulator", "--zone", zone, "--agents",
+                                    str(agents), "--job", str(job), "--agent-prefix", f"sim-{zone}-", name=name))
+        echo(f"  desktop-simulator: {agents} agents of zone {zone} on job {job} (beside {server})")
+    return started

@@ -12,7 +12,7 @@ import sys
 from pom_ha.config import ConfigError
 from pom_ha.desktop.tls import DesktopTlsError, server_context
 from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, daemon_parser, load_daemon_context
 from pom_ha.ha.roles import ZoneRole
 from services.agent_manager.daemon import SERVICE, AgentManagerDaemon
 
@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--desktop-tls-cert", default=None,
                    help="PEM certificate (chain) for TLS on the desktop port (with --desktop-tls-key)")
     p.add_argument("--desktop-tls-key", default=None, help="PEM key of --desktop-tls-cert (unencrypted)")
+    add_cache_option(p)
     return p.parse_args(argv)
 
 
@@ -59,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         desktop_heartbeat_ms=args.desktop_heartbeat_ms, desktop_miss_limit=args.desktop_miss_limit,
         peer_desktop_addresses=addresses, desktop_ssl=desktop_ssl,
     )
+    if cache_wanted(args, topo):  # agent states and callbacks (services/agent_manager/cache_link.py)
+        from pom_ha.cache.client import OperationalCache, quiet_pyignite_logs
+        from services.agent_manager.cache_link import AgentCacheLink
+
+        quiet_pyignite_logs()
+        daemon.cache_link = AgentCacheLink(OperationalCache.from_topology(topo))
     return asyncio.run(daemon.main())
 
 

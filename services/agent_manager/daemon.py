@@ -38,6 +38,7 @@ from pom_ha.ha.daemon import DaemonConfig, HADaemon
 from pom_ha.ha.election import Elector
 from pom_ha.ha.store import StatusStoreError
 from pom_ha.ha.term import MasterTerm
+from services.agent_manager.cache_link import AgentCacheLink
 from services.agent_manager.zone import ZoneRuntime
 from services.agent_manager.zone_config import ZoneConfigWatcher
 
@@ -112,6 +113,9 @@ class Session:
 
 
 class AgentManagerDaemon(HADaemon):
+    #: agent states and callbacks to the cache service (``--cache``; set by __main__); None: no cache
+    cache_link: AgentCacheLink | None = None
+
     def __init__(
         self, config: DaemonConfig, *, zones: Sequence[str], desktop_port: int,
         manager_addresses: Sequence[str] = (), desktop_heartbeat_ms: int = 500, desktop_miss_limit: int = 4,
@@ -176,6 +180,8 @@ class AgentManagerDaemon(HADaemon):
             self._server.close()
         for session in list(self.sessions):
             session.abort()
+        if self.cache_link is not None:
+            await self.cache_link.close()
         self._log.info("desktop protocol counters", **self.counters.as_dict(), refused_logins=self.refused_logins)
 
     def health(self) -> dict[str, Any]:
@@ -197,6 +203,7 @@ class AgentManagerDaemon(HADaemon):
                 for z, r in self.runtimes.items()
             },
         }
+        out["cache"] = None if self.cache_link is None else self.cache_link.info()
         return out
 
     # ---- desktop connections ----------------------------------------------------------------------------

@@ -263,7 +263,17 @@ class ZoneRuntime:
         return bool(result)
 
     async def persist(self, rec: AgentRecord) -> bool:
-        return await self._fenced(SQL_UPSERT_AGENT, self.zone, *_row_args(rec), self.epoch)
+        done = await self._fenced(SQL_UPSERT_AGENT, self.zone, *_row_args(rec), self.epoch)
+        if done:
+            self._cached(rec)
+        return done
+
+    def _cached(self, *recs: AgentRecord) -> None:
+        """Persisted changes to the cache service: queued for the link's own task, never waited for."""
+        link = self.daemon.cache_link
+        if link is not None:
+            for rec in recs:
+                link.agent_changed(rec.snap)
 
     async def _zone_status(self, available: bool) -> None:
         await self._fenced(SQL_ZONE_STATUS, self.zone, available, self.daemon.config.server, self.epoch)
@@ -433,6 +443,7 @@ class ZoneRuntime:
         except _FenceLost:
             self._log.warning("fenced write refused: no longer master of the zone")
             return False
+        self._cached(*recs)
         return True
 
     def _apply_outcome(self, rec: AgentRecord, outcome: FailoverOutcome, nailed: bool, ha: float) -> None:
@@ -706,7 +717,10 @@ class ZoneRuntime:
         if not recs:
             return True
         cols = list(zip(*(_row_args(r) for r in recs), strict=True))
-        return await self._fenced(SQL_UPSERT_AGENTS, self.zone, self.epoch, *[list(c) for c in cols])
+        done = await self._fenced(SQL_UPSERT_AGENTS, self.zone, self.epoch, *[list(c) for c in cols])
+        if done:
+            self._cached(*recs)
+        return done
 
     def reopen(self) -> None:
         self.resetting = False
@@ -749,6 +763,9 @@ class ZoneRuntime:
                 if note is not None:
                     await target.send(note)
                 await target.send(state_frame(changed.snap))
+            if isinstance(frame, WrapUp) and self.daemon.cache_link is not None:
+                # its callback to the cache after the OK; a refusal is an ERROR callback_refused (cache_link.py)
+                self.daemon.cache_link.wrap_up(session, self.zone, rec.snap, frame)
         if isinstance(frame, Logout):
             session.detach()
 

@@ -9,7 +9,7 @@ import sys
 
 from pom_ha.config import ConfigError, Topology
 from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, daemon_parser, load_daemon_context
 from pom_ha.ha.roles import PoolMember
 from pom_ha.media.client import Address
 from services.campaign_manager.daemon import SERVICE, CampaignManagerDaemon, CMOptions
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an attempt without an outcome this long is recorded as a network failure")
     p.add_argument("--re-timeout-s", type=float, default=1.0,
                    help="a Rule Engine evaluation not answered within this pauses dialing")
+    add_cache_option(p)
     return p.parse_args(argv)
 
 
@@ -58,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         reconcile_interval_s=args.reconcile_interval_s,
         runner=RunnerOptions(re_timeout_s=args.re_timeout_s, attempt_timeout_s=args.attempt_timeout_s),
     )
-    return asyncio.run(CampaignManagerDaemon(config, topology=topo, media=media, options=options).main())
+    cache = None
+    if cache_wanted(args, topo):  # job statistics and CACHE_REBUILT (services/campaign_manager/cache_link.py)
+        from pom_ha.cache.client import OperationalCache, quiet_pyignite_logs
+
+        quiet_pyignite_logs()
+        cache = OperationalCache.from_topology(topo)
+    return asyncio.run(CampaignManagerDaemon(config, topology=topo, media=media, options=options,
+                                             cache=cache).main())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -27,6 +27,7 @@ from pom_ha.media.client import Address, MediaClient
 from pom_ha.media.protocol import Outcome
 from pom_ha.messaging.runtime import RESULTS_TOPIC
 from pom_ha.messaging.stomp import StompClient
+from services.campaign_manager.cache_link import CacheLink
 from services.campaign_manager.completions import DB_ERRORS
 from services.campaign_manager.decisions import classify_outcome, job_of_item
 from services.campaign_manager.job_runner import JobRunner, RunnerOptions
@@ -35,6 +36,9 @@ from services.campaign_manager.listen import AssignmentListener
 from services.campaign_manager.metrics import CMMetrics
 from services.campaign_manager.outbound import Outbound
 from services.campaign_manager.runtime_control import RuntimeControl
+
+if TYPE_CHECKING:
+    from pom_ha.cache.client import OperationalCache
 
 SERVICE = "campaign_manager"
 
@@ -49,6 +53,7 @@ class CMOptions:
     runner: RunnerOptions = field(default_factory=RunnerOptions)
     activemq: bool = True  # runtime changes and published results over ActiveMQ (when the topology has brokers)
     results_destination: str = RESULTS_TOPIC
+    cache_publish_interval_s: float = 1.0  # job statistics to the cache service at most this often
 
 
 @dataclass
@@ -60,8 +65,11 @@ class _Held:
 
 class CampaignManagerDaemon(HADaemon):
     def __init__(self, config: DaemonConfig, *, topology: Topology, media: list[Address],
-                 options: CMOptions | None = None) -> None:
+                 options: CMOptions | None = None, cache: OperationalCache | None = None) -> None:
         super().__init__(config)
+        #: the cache service's client (``--cache``); None: no statistics published, no CACHE_REBUILT
+        self.cache = cache
+        self.cache_link: CacheLink | None = None
         self.topology = topology
         self.media_addresses = media
         self.options = options or CMOptions()
@@ -99,6 +107,14 @@ class CampaignManagerDaemon(HADaemon):
         self.spawn(self._warm_pool(), name="cm-warm-pool")
         self.spawn(self._reconcile(), name="cm-assignments")
         self.spawn(self._observe(), name="cm-observe")
+        if self.cache is not None:  # best-effort, beside everything: services/campaign_manager/cache_link.py
+            self.cache_link = CacheLink(self.cache, self._pool, self._active_runners, self._cm_log,
+                                        publish_interval_s=self.options.cache_publish_interval_s,
+                                        db_timeout_s=self.options.db_timeout_s)
+            self.spawn(self.cache_link.run(), name="cm-cache")
+
+    def _active_runners(self) -> list[JobRunner]:
+        return [h.runner for h in self.jobs.values() if not h.task.done()]
 
     async def _start_messaging(self) -> None:
         """ActiveMQ (runtime changes in, results out) and the Event SDK publisher: both optional, neither
@@ -130,7 +146,7 @@ class CampaignManagerDaemon(HADaemon):
         if self.stomp is not None:
             with contextlib.suppress(Exception):
                 await self.stomp.close()
-        for client in (self.re, self.media):
+        for client in (self.re, self.media, self.cache):
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.close()
@@ -210,6 +226,7 @@ class CampaignManagerDaemon(HADaemon):
         store = JobStore(self._pool, a, job, self.config.server, timeout_s=self.options.db_timeout_s)
         runner = JobRunner(store, rule_engine=self.re, media=self.media, metrics=self.cm_metrics,
                            log=self._cm_log, options=self.options.runner, outbound=self.outbound)
+        runner.cache_link = self.cache_link
         task = asyncio.create_task(runner.run(), name=f"job-{job}")
         task.add_done_callback(lambda _t: self._wake.set())
         self.jobs[job] = _Held(a, runner, task)
@@ -255,7 +272,8 @@ class CampaignManagerDaemon(HADaemon):
         body = super().health()
         body[SERVICE] = {
             "jobs": {str(job): {"epoch": h.assignment.epoch, "state": h.runner.state,
-                                "in_flight": len(h.runner.in_flight)} for job, h in self.jobs.items()},
+                                "in_flight": len(h.runner.in_flight), **h.runner.agent_info()}
+                     for job, h in self.jobs.items()},
             "counters": dict(self.cm_metrics.tally),
             "rule_engine": {
                 "master": self.re.master.server if self.re is not None and self.re.master else None,
@@ -266,6 +284,7 @@ class CampaignManagerDaemon(HADaemon):
             "media": {"connected": self.media is not None and self.media.connected_to is not None,
                       "in_flight": self.media.in_flight if self.media is not None else 0},
             "outbound": self.outbound.info() if self.outbound is not None else None,
+            "cache": self.cache_link.info() if self.cache_link is not None else None,
             "runtime_changes": None if self.runtime is None else {
                 "applied": self.runtime.applied, "refused": self.runtime.refused,
                 "duplicates": self.runtime.duplicates},

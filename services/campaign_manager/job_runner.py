@@ -14,6 +14,8 @@ daemon cancels it. While no Rule Engine master answers, dialing pauses and resum
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,11 +26,13 @@ from pom_ha.domain.attempts import CompletionCode, ContactHistory
 from pom_ha.domain.campaigns import CampaignDefinition, InvalidCampaign, validate_campaign
 from pom_ha.domain.jobs import InvalidTransition, JobState, JobStatus, transition
 from pom_ha.domain.jobs import JobEvent as JobTransition
-from pom_ha.domain.pacing import TimeBasedPacer
+from pom_ha.domain.pacing import Pacer, PacingKind, PredictivePacer, PreviewPacer, TimeBasedPacer
 from pom_ha.domain.stats import JobStats
 from pom_ha.domain.strategy import RetryStrategy
 from pom_ha.media.client import MediaClient, MediaUnavailable
 from pom_ha.media.protocol import Accepted, Dial, Outcome
+from services.campaign_manager.agent_link import AgentLink, Offer
+from services.campaign_manager.cache_link import CacheLink
 from services.campaign_manager.completions import (
     DB_ERRORS,
     Completion,
@@ -37,6 +41,7 @@ from services.campaign_manager.completions import (
     resolve_in_flight,
 )
 from services.campaign_manager.decisions import (
+    NOT_DIALED_CODES,
     ContactUpdate,
     attempt_id,
     media_scope,
@@ -57,6 +62,8 @@ from services.campaign_manager.outbound import Outbound
 from services.campaign_manager.runtime_control import RuntimeRefused
 
 TERMINAL = ("Completed", "Stopped")
+OFFER_TIMEOUT_S = 60.0  # an offer no AM applied within this long (no master for the zone) is abandoned
+OFFER_TRIES = 3  # a live answer refused by the AM (its agent changed state meanwhile) goes to another agent
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,8 @@ class JobRunner:
         self._refilter = True  # a running job found at takeover goes through Filter in Progress first
         self._taken_running = False  # that Filter in Progress re-reads the list beside the dial loop
         self._catch_up: asyncio.Task[None] | None = None  # that re-read
+        self._refilter_cause = "taken over"  # or "cache rebuilt" (services/campaign_manager/cache_link.py)
+        self.cache_link: CacheLink | None = None  # statistics to the cache service (best-effort, never waited for)
         self._media_wait_until = 0.0
         self._media_lost = False
         self._progress: Progress | None = None  # the latest contact counts, read beside the dial loop
@@ -98,6 +107,18 @@ class JobRunner:
         self.org = "Default"
         self._campaign: tuple[int | None, str | None] = (None, None)
         self.pacing_rate: float | None = None  # runtime override (calls per second), from jobs.pacing_rate
+        # agent-based jobs (preview / progressive / predictive): services/campaign_manager/agent_link.py
+        self.agent_link: AgentLink | None = None
+        self._agent_pacer: Pacer | None = None
+        self._answers: collections.deque[Completion] = collections.deque()  # live answers waiting for an agent
+        self._answered: dict[str, Completion] = {}  # call id -> the live answer an offer is out for
+        self._phones: dict[tuple[str, int], str] = {}
+        self._previews: dict[str, tuple[NewAttempt, Offer | None, str | None]] = {}  # call -> (attempt, offer, agent)
+        self._preview_dialed: set[str] = set()
+        self._followups: collections.deque[tuple[str, str, str, tuple[str, int], Completion]] = collections.deque()
+        self._agent_wake = asyncio.Event()
+        self._zone_waiting = False
+        self.agent_counts: collections.Counter[str] = collections.Counter()
 
     @property
     def active(self) -> bool:
@@ -109,7 +130,23 @@ class JobRunner:
         if self.writer is None:
             return
         code = platform_code(outcome.code, self.writer.custom)
-        self.writer.offer(Completion(outcome.contact, outcome.attempt_no, code, outcome.duration_ms))
+        completion = Completion(outcome.contact, outcome.attempt_no, code, outcome.duration_ms)
+        if self.agent_link is not None:
+            key = (outcome.contact, outcome.attempt_no)
+            call = attempt_id(self.job_id, outcome.contact, outcome.attempt_no)
+            preview = self._previews.get(call)
+            if preview is not None and preview[2] is not None:
+                # a preview's dial ended: its agent (Dialing) talks to the person or wraps the call up
+                event = "answered" if code.name == CompletionCode.ANSWER_HUMAN.name else "released"
+                self._followups.append((event, preview[2], call, key, completion))
+                self._agent_wake.set()
+                return
+            if code.name == CompletionCode.ANSWER_HUMAN.name:
+                # a person answered: the attempt ends once an agent has the call (or none could take it)
+                self._answers.append(completion)
+                self._agent_wake.set()
+                return
+        self.writer.offer(completion)
 
     async def run(self) -> str:
         """Run the job until it ends or is no longer ours; returns why it stopped."""
@@ -174,6 +211,10 @@ class JobRunner:
             self._campaign = (info.campaign_id, definition.name)
         except (InvalidCampaign, TypeError, ValueError) as exc:
             self.log.error("campaign definition invalid, the job is stopped", error=str(exc))
+        if definition is not None and definition.pacing.kind.needs_agents and self.agent_link is None:
+            self.agent_link = AgentLink(self.store, info.zone)
+            self._spawn(self._agent_calls(), f"job-{self.job_id}-agents")
+            self.log.info("agent-based job", pacing=definition.pacing.kind.value, zone=info.zone)
         if self.writer is None:
             if definition is None:  # in-flight attempts are still resolved, with the default strategy
                 await self._take_over(RetryStrategy(), [])
@@ -186,8 +227,10 @@ class JobRunner:
                 return "job deleted"
             self.state, ending = current
             if self._refilter and self.state == "Running":
-                # the taker's view of the contacts is rebuilt before it dials (JobEvent.TAKEOVER)
-                await self._set_state("Running", "Filter in Progress", reason="taken over, filtering again")
+                # the taker's view of the contacts is rebuilt before it dials (JobEvent.TAKEOVER; CACHE_REBUILT
+                # of a Paused job, on resume)
+                await self._set_state("Running", "Filter in Progress",
+                                      reason=f"{self._refilter_cause}, filtering again")
                 self._refilter = False
                 self._taken_running = True
                 continue
@@ -203,12 +246,13 @@ class JobRunner:
                 # (a scan of the whole list, seconds at 200,000 contacts on a busy database) and the job
                 # cannot complete before that re-read has added what the list gained meanwhile
                 await self.store.unstick()
-                if self._catch_up is None:
+                if self._catch_up is None or self._catch_up.done():
                     self._catch_up = self._spawn(self._add_missing(info.list_id), f"job-{self.job_id}-refilter")
+                cause, self._refilter_cause = self._refilter_cause, "taken over"
                 await self._set_state("Filter in Progress", "Running",
-                                           reason="taken over: filtered, the list is re-read while dialing")
+                                      reason=f"{cause}: filtered, the list is re-read while dialing")
                 self._taken_running = False
-                self.log.info("job taken over running, dialing again; the list is re-read meanwhile")
+                self.log.info(f"job {cause} running, dialing again; the list is re-read meanwhile")
             elif self.state == "Filter in Progress":
                 added = await self.store.filter_contacts(info.list_id)
                 await self._set_state("Filter in Progress", "Running", reason="filtered")
@@ -227,11 +271,27 @@ class JobRunner:
                          reason: str | None = None) -> bool:
         """The store's compare-and-set; a change that landed is published as a JOB event (after the commit)."""
         changed = await self.store.set_state(from_state, to_state, ending=ending, reason=reason)
+        if changed and self.cache_link is not None:
+            self.cache_link.touch(self.job_id)
         if changed and self.outbound is not None:
             await self.outbound.job_state(self.job_id, self.epoch, self.org, campaign_id=self._campaign[0],
                                           campaign_name=self._campaign[1], previous=from_state, state=to_state,
                                           reason=reason)
         return changed
+
+    set_state = _set_state  # for services/campaign_manager/cache_link.py (CACHE_REBUILT)
+
+    def mark_refilter(self, cause: str | None, *, running: bool = False) -> None:
+        """The job must pass through Filter in Progress (JobEvent.CACHE_REBUILT): a Paused job on resume
+        (``refilter``), a Running one now, on the takeover's fast path; ``cause`` None undoes ``running``."""
+        if cause is None:
+            self._taken_running, self._refilter_cause = False, "taken over"
+            return
+        self._refilter_cause = cause
+        if running:
+            self._taken_running = True
+        else:
+            self._refilter = True
 
     async def apply_runtime_change(self, action: str, rate: float | None, request_id: str) -> str:
         """A runtime change received over ActiveMQ (RuntimeControl): returns what was done, raises
@@ -281,6 +341,13 @@ class JobRunner:
                           previous=owners)
 
     async def _recorded(self, done: list[tuple[str, int, str, int | None]]) -> None:
+        pacer = self._agent_pacer
+        if isinstance(pacer, PredictivePacer):
+            for _c, _n, code, _ms in done:
+                if code in NOT_DIALED_CODES or code == CompletionCode.CALL_FAILOVER.name:
+                    continue
+                live = code in (CompletionCode.ANSWER_HUMAN.name, CompletionCode.NUISANCE.name)
+                pacer.record(live=live, abandoned=code == CompletionCode.NUISANCE.name)
         if self.outbound is not None:
             await self.outbound.recorded(self.job_id, self.epoch, self.org, done)
 
@@ -325,6 +392,8 @@ class JobRunner:
 
     # ---- dialing -----------------------------------------------------------------------------------------
     async def _dial(self, definition: CampaignDefinition) -> None:
+        if self.agent_link is not None:
+            return await self._dial_agents(definition, self.agent_link)
         pacer = self._pacer(definition)
         tick = min(0.1, max(0.01, pacer.burst / pacer.rate / 2))
         next_state = next_sweep = 0.0
@@ -373,7 +442,7 @@ class JobRunner:
 
     def _pacer(self, definition: CampaignDefinition) -> TimeBasedPacer:
         if self.pacing_rate is None:
-            return definition.pacer()
+            return definition.time_pacer()
         return TimeBasedPacer(calls_per_second=self.pacing_rate, max_in_flight=definition.pacing.max_in_flight)
 
     def _idle(self) -> bool:
@@ -411,6 +480,8 @@ class JobRunner:
                 continue
             delay = 0.05
             self._progress = progress
+            if self.cache_link is not None:
+                self.cache_link.touch(self.job_id)  # published by the link's own task, coalesced
             await asyncio.sleep(self.opts.state_poll_s if progress.pending == 0 else self.opts.progress_poll_s)
 
     async def _sweep(self) -> None:
@@ -448,8 +519,9 @@ class JobRunner:
             self._media_lost = False
         return True
 
-    async def _place(self, listed: list[DueContact]) -> int:
-        """Judge ``listed`` with the Rule Engine and dial the allowed; returns how many were not dialed."""
+    async def _place(self, listed: list[DueContact], *, preview: bool = False) -> int:
+        """Judge ``listed`` with the Rule Engine and dial the allowed; returns how many were not dialed.
+        ``preview``: the allowed ones are offered to free agents as previews, dialed once accepted."""
         refusals: list[ContactUpdate] = [ContactUpdate(d.contact_id, "filtered_out", reason="removed from the list")
                                          for d in listed if d.phone is None]
         due = [d for d in listed if d.phone is not None]
@@ -486,8 +558,249 @@ class JobRunner:
         self.metrics.count("attempts", len(new))
         for a in new:
             self.in_flight.add(a.contact_id, a.attempt_no)
-            self._spawn(self._send(a), f"dial-{a.call_id}")
+            if self.agent_link is not None:
+                self._phones[(a.contact_id, a.attempt_no)] = a.phone
+            if preview:
+                await self._offer_preview(a)
+            else:
+                self._spawn(self._send(a), f"dial-{a.call_id}")
         return len(listed) - len(new)
+
+    # ---- agent-based jobs ---------------------------------------------------------------------------------
+    async def _dial_agents(self, definition: CampaignDefinition, link: AgentLink) -> None:
+        """The dial loop of an agent-based job: every tick the zone's availability and the job's agents are
+        read (``agent_zone_status``, ``agents``) and the pacer grants dials (previews for preview pacing)
+        from them; nothing new is dialed while the zone has no Agent Manager master."""
+        pacer = definition.pacer()
+        if isinstance(pacer, PredictivePacer):
+            dialed, live, abandoned = await link.day_counts(list(NOT_DIALED_CODES))
+            pacer.seed(attempts=dialed, live_answers=live, abandons=abandoned)
+            self.log.info("predictive pacing", abandon_cap=pacer.abandon_cap, max_ratio=pacer.max_ratio,
+                          day_attempts=dialed, day_live_answers=live, day_abandons=abandoned)
+        self._agent_pacer = pacer
+        preview = definition.pacing.kind is PacingKind.PREVIEW
+        tick = 0.1
+        next_state = next_sweep = 0.0
+        self._progress = None
+        watcher = self._spawn(self._watch_progress(), f"job-{self.job_id}-progress")
+        try:
+            while True:
+                self._check()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    await self._sweep()
+                    next_sweep = now + self.opts.sweep_s
+                if now >= next_state:
+                    current = await self.store.state()
+                    if current is None or current[0] != "Running":
+                        return
+                    next_state = now + self.opts.state_poll_s
+                progress = self._progress
+                if progress is not None and progress.pending == 0 and progress.dialing == 0 and self._idle():
+                    progress = await self.store.progress()
+                    if progress.pending == 0 and progress.dialing == 0 and self._idle():
+                        if await self._set_state("Running", "Stopping", ending="Completed",
+                                                 reason="all contacts done"):
+                            self.log.info("all contacts done, job stopping", contacts=progress.total)
+                        return
+                    self._progress = progress
+                stats = JobStats() if progress is None else JobStats(progress.total, progress.finished)
+                view = await link.view()
+                if isinstance(pacer, PredictivePacer):
+                    for seconds in link.handle_times:
+                        pacer.record_handle_time(seconds)
+                link.handle_times.clear()
+                if not view.available:
+                    if not self._zone_waiting:
+                        self.log.warning("dialing waits: the zone has no Agent Manager master", zone=link.zone)
+                        self.agent_counts["zone_unavailable_waits"] += 1
+                    self._zone_waiting = True
+                    await asyncio.sleep(tick)
+                    continue
+                if self._zone_waiting:
+                    self.log.info("zone available again, dialing goes on", zone=link.zone)
+                    self._zone_waiting = False
+                if not await self._media_ready(now):
+                    await asyncio.sleep(tick)
+                    continue
+                grant = pacer.permits(now, self._ringing(), stats, view)
+                if grant:
+                    due = await self.store.due(self._list_id, min(grant, self.opts.max_batch))
+                    pacer.refund(grant - len(due))
+                    if due:
+                        pacer.refund(await self._place(due, preview=preview))
+                await asyncio.sleep(max(0.0, now + tick - time.monotonic()))
+        finally:
+            watcher.cancel()
+
+    def agent_info(self) -> dict[str, Any]:
+        """For /health: the agent side of an agent-based job (nothing for agentless jobs)."""
+        link, pacer = self.agent_link, self._agent_pacer
+        if link is None:
+            return {}
+        info: dict[str, Any] = {"agents": {**link.info(), **dict(self.agent_counts)}}
+        if isinstance(pacer, PredictivePacer):
+            info["agents"].update(abandon_cap=pacer.abandon_cap, abandon_rate=pacer.abandon_rate,
+                                  answer_rate=round(pacer.answer_rate, 4), budget=pacer.budget)
+        return info
+
+    def _ringing(self) -> int:
+        """Dials placed and not yet answered or ended (a pacer's ``in_flight``): attempts in flight less
+        the live answers waiting for an agent and the previews not dialed yet."""
+        waiting = len(self._answers) + len(self._answered)
+        previews = sum(1 for call in self._previews if call not in self._preview_dialed)
+        return max(0, len(self.in_flight) - waiting - previews)
+
+    def _abandon(self, completion: Completion, why: str) -> None:
+        """A live answer no agent took: recorded NUISANCE (counted against the abandon cap)."""
+        assert self.writer is not None
+        self.agent_counts["abandoned"] += 1
+        if self.agent_counts["abandoned"] <= 5 or self.agent_counts["abandoned"] % 100 == 0:
+            self.log.info("live answer abandoned (NUISANCE)", contact=completion.contact_id, why=why,
+                          abandoned=self.agent_counts["abandoned"])
+        self.writer.offer(Completion(completion.contact_id, completion.attempt_no, CompletionCode.NUISANCE,
+                                     completion.duration_ms))
+
+    async def _offer_preview(self, a: NewAttempt) -> None:
+        """A preview of ``a`` to a free agent; its DIAL leaves only once the agent accepted it."""
+        assert self.agent_link is not None and self.writer is not None
+        offer = await self.agent_link.offer("preview_offered", (a.contact_id, a.attempt_no), a.call_id, a.phone)
+        if offer is None:  # no agent any more: not dialed, due again soon
+            self.writer.offer(Completion(a.contact_id, a.attempt_no, CompletionCode.CANCELLED, 0,
+                                         retry_at=datetime.now(UTC)))
+            return
+        self._previews[a.call_id] = (a, offer, None)
+        pacer = self._agent_pacer
+        if isinstance(pacer, PreviewPacer):
+            pacer.offered(a.call_id)
+        self.agent_counts["previews_offered"] += 1
+
+    async def _agent_calls(self) -> None:
+        """Live answers to free agents, the AM's results of every offer, previews accepted -> DIAL, a
+        preview's dial outcome -> its agent; until cancelled (FenceLost when the job moved)."""
+        link = self.agent_link
+        assert link is not None
+        delay = 0.05
+        while True:
+            self._agent_wake.clear()
+            if self.writer is None:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                await self._agent_step(link)
+                delay = 0.05
+            except DB_ERRORS as exc:  # nothing is lost: what was not done stays queued for the next step
+                self.log.warning("agent hand-off step failed, retrying", error=f"{type(exc).__name__}: {exc}",
+                                 retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+                continue
+            if not (self._answers or self._followups):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await self._agent_wake.wait()
+
+    async def _agent_step(self, link: AgentLink) -> None:
+        assert self.writer is not None
+        while self._answers:
+            completion = self._answers[0]
+            key = (completion.contact_id, completion.attempt_no)
+            call = attempt_id(self.job_id, *key)
+            offer = await link.offer("offered", key, call, self._phones.get(key, ""))
+            self._answers.popleft()
+            if offer is None:
+                self._abandon(completion, "no free agent" if link.available else "zone unavailable")
+            else:
+                self._answered[call] = completion
+        while self._followups:
+            event, agent, call, key, completion = self._followups[0]
+            await link.command(event, agent, call, key)
+            self._followups.popleft()
+            self._previews.pop(call, None)
+            self._preview_dialed.discard(call)
+            if isinstance(self._agent_pacer, PreviewPacer):
+                self._agent_pacer.ended(call)
+            self.writer.offer(completion)
+        for res in await link.results():
+            await self._offer_result(link, res.offer, res.agent_id, res.result, res.reoffered_from)
+        if self._previews:
+            await self._watch_previews(link)
+        now = time.monotonic()
+        for offer in [o for o in link.pending.values() if now - o.started > OFFER_TIMEOUT_S]:
+            if await link.cancel(offer, f"abandoned: no Agent Manager applied it within {OFFER_TIMEOUT_S:g} s"):
+                link.pending.pop(offer.ref, None)
+                link.reserved.pop(offer.agent_id, None)
+                await self._offer_result(link, offer, offer.agent_id, "closed: offer timed out", None)
+
+    async def _offer_result(self, link: AgentLink, offer: Offer, agent: str, result: str,
+                            reoffered_from: str | None) -> None:
+        assert self.writer is not None
+        ok = result.startswith("ok")
+        if reoffered_from:
+            self.agent_counts["reoffered_by_am"] += 1
+        if offer.event == "offered":
+            completion = self._answered.pop(offer.ref, None)
+            if completion is None:
+                return
+            if ok:
+                self.agent_counts["handed_to_agents"] += 1
+                self.writer.offer(completion)  # ANSWER_HUMAN: a person answered and an agent has the call
+                return
+            if result.startswith("refused") and offer.tries < OFFER_TRIES:
+                try:
+                    again = await link.offer("offered", offer.key, offer.ref, offer.phone, exclude={agent},
+                                             tries=offer.tries + 1)
+                except DB_ERRORS as exc:
+                    again = None
+                    result = f"{result}; not offered again: {type(exc).__name__}"
+                if again is not None:
+                    self._answered[offer.ref] = completion
+                    return
+            self._abandon(completion, result[:200])
+        elif offer.event == "preview_offered":
+            entry = self._previews.get(offer.ref)
+            if entry is None:
+                return
+            if ok:
+                self._previews[offer.ref] = (entry[0], None, agent)
+                return
+            self._previews.pop(offer.ref, None)  # the agent could not take it: not dialed, due again
+            if isinstance(self._agent_pacer, PreviewPacer):
+                self._agent_pacer.cancelled(offer.ref)
+            a = entry[0]
+            self.writer.offer(Completion(a.contact_id, a.attempt_no, CompletionCode.CANCELLED, 0,
+                                         retry_at=datetime.now(UTC)))
+
+    async def _watch_previews(self, link: AgentLink) -> None:
+        """Previews an agent holds: accepted (the agent went Dialing on it) -> the DIAL leaves; cancelled
+        (the agent is off it) -> not dialed, the contact is due again."""
+        assert self.writer is not None
+        held = {call: agent for call, (_a, _o, agent) in self._previews.items()
+                if agent is not None and call not in self._preview_dialed}
+        if not held:
+            return
+        rows = await self.store.pool.fetch(
+            "SELECT agent_id, call_state, call_id FROM agents WHERE zone = $1 AND agent_id = ANY($2::text[])",
+            link.zone, sorted(set(held.values())), timeout=self.store.timeout_s)
+        state = {str(r["agent_id"]): (r["call_state"], r["call_id"]) for r in rows}
+        pacer = self._agent_pacer
+        for call, agent in held.items():
+            call_state, agent_call = state.get(agent, ("Idle", None))
+            a = self._previews[call][0]
+            if agent_call == call and call_state == "Dialing":
+                if isinstance(pacer, PreviewPacer):
+                    pacer.accepted(call)
+                    pacer.dialed(call)
+                self._preview_dialed.add(call)
+                self.agent_counts["previews_accepted"] += 1
+                self._spawn(self._send(a), f"dial-{call}")
+            elif agent_call != call:
+                self._previews.pop(call, None)
+                if isinstance(pacer, PreviewPacer):
+                    pacer.cancelled(call)
+                self.agent_counts["previews_cancelled"] += 1
+                self.writer.offer(Completion(a.contact_id, a.attempt_no, CompletionCode.CANCELLED, 0,
+                                             retry_at=datetime.now(UTC)))
 
     async def _judge(self, d: DueContact) -> Verdict:
         contact = {"id": d.contact_id, "phone": d.phone or "", "timezone": d.timezone or ""}

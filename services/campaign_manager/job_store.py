@@ -37,6 +37,7 @@ class JobInfo:
     ending: str | None
     definition: Any  # the campaign's JSON definition
     pacing_rate: float | None = None  # a runtime override (calls per second), migration 0008
+    zone: str = "Default"  # the zone whose agents an agent-based job uses
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ class Progress:
 
 
 SQL_JOB = """
-SELECT j.id, j.campaign_id, j.list_id, j.state, j.ending, c.definition, j.pacing_rate
+SELECT j.id, j.campaign_id, j.list_id, j.state, j.ending, c.definition, j.pacing_rate, j.zone
   FROM jobs j JOIN campaigns c ON c.id = j.campaign_id WHERE j.id = $1
 """
 SQL_STATE = "SELECT state, ending FROM jobs WHERE id = $1"
@@ -195,7 +196,7 @@ class JobStore:
             definition = json.loads(definition)
         rate = row["pacing_rate"]
         return JobInfo(int(row["id"]), int(row["campaign_id"]), int(row["list_id"]), row["state"], row["ending"],
-                       definition, None if rate is None else float(rate))
+                       definition, None if rate is None else float(rate), str(row["zone"]))
 
     async def state(self) -> tuple[str, str | None] | None:
         row = await self.pool.fetchrow(SQL_STATE, self.job_id, timeout=self.timeout_s)

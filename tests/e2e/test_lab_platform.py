@@ -1,6 +1,8 @@
 """The lab's platform end to end, with the same functions `pom-ha lab up` runs: every daemon on every POM
 server (real processes under the servers' uids), the demo campaign imported by the Common CD from CSV and
-dialing through the media simulators; then the job's Campaign Manager is SIGKILLed and dialing goes on."""
+dialing through the media simulators; the agent-based (predictive) demo campaigns of two zones with a
+desktop simulator of 50 bot agents per zone, whose agents take calls; then the agentless job's Campaign
+Manager is SIGKILLed and dialing goes on."""
 
 from __future__ import annotations
 
@@ -18,7 +20,15 @@ import pytest
 
 from pom_ha.infra.process import ProcessRecord, kill_process, stop_process
 from pom_ha.infra.stack import Stack
-from pom_ha.lab.platform import DEMO_CAMPAIGN, create_demo, start_platform, wait_platform
+from pom_ha.lab.platform import (
+    DEMO_CAMPAIGN,
+    agent_zones,
+    create_agent_demo,
+    create_demo,
+    start_desktops,
+    start_platform,
+    wait_platform,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +62,11 @@ async def test_lab_platform_runs_the_demo_and_survives_a_campaign_manager_kill(
     assert "started" in said, said
     again = await create_demo(stack.topo, contacts=500, echo=lambda _m: None)
     assert "exists already" in again, "a second lab up must not create a second demo"
+    jobs = await create_agent_demo(stack.topo, echo=lambda _m: None)
+    assert sorted(jobs) == sorted(agent_zones(stack.topo)) and len(jobs) == min(2, len(stack.topo.zones))
+    assert await create_agent_demo(stack.topo, echo=lambda _m: None) == jobs, "a second lab up: same agent jobs"
+    desktops = start_desktops(stack.topo, topology_file, jobs, echo=lambda _m: None)
+    platform.extend(desktops)  # stopped with the platform
 
     out = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "pom_ha.cli", "status", "--topology", str(topology_file), "--json"],
@@ -66,6 +81,21 @@ async def test_lab_platform_runs_the_demo_and_survives_a_campaign_manager_kill(
 
     conn = await asyncpg.connect(stack.topo.postgres.dsn())
     try:
+        for zone, agent_job in jobs.items():
+            async def agents_take_calls(zone: str = zone, agent_job: int = agent_job) -> bool:
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM agent_call_command WHERE zone = $1 AND job_id = $2 AND event = 'offered'"
+                    " AND result LIKE 'ok%'", zone, str(agent_job))
+                return bool(n >= 5)
+
+            await poll(agents_take_calls, 120, f"agents of zone {zone} taking calls of job {agent_job}")
+            talked = await conn.fetchval("SELECT count(*) FROM agents WHERE zone = $1 AND job_id = $2"
+                                         " AND last_completion_code = 'SALE'", zone, str(agent_job))
+            rate = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE code = 'NUISANCE') AS n, count(*) FILTER (WHERE code IN"
+                " ('ANSWER_HUMAN', 'NUISANCE')) AS live FROM attempts WHERE job_id = $1", agent_job)
+            assert rate["n"] <= 0.03 * rate["live"], f"abandon rate over the cap in zone {zone}: {dict(rate)}"
+            print(f"\nzone {zone}: job {agent_job}, {dict(rate)} live/abandoned, {talked} agents wrapped up a call")
         job = await conn.fetchval(
             "SELECT j.id FROM jobs j JOIN campaigns c ON c.id = j.campaign_id WHERE c.name = $1", DEMO_CAMPAIGN)
         assert await conn.fetchval(
