@@ -4,15 +4,17 @@ during it.
 Self-contained (``bench_lab``: a private PostgreSQL on an isolated copy of the topology, 127.0.16.N /
 127.0.17.1, everything stopped at the end; ``POM_KEEP_LAB=1`` keeps the lab folder with its logs). Two real
 Agent Manager processes compete for the zone ``Default`` (the guide's two servers in one zone: one MASTER, one
-DORMANT). ``agents`` in-process desktop clients (``pom_ha.desktop.client.DesktopClient``, every AM address)
-log in, attach a job and go ready; ``on_call_share`` of them are offered a call (``agent_call_command``) and
-answer it (Talking). Each trial SIGKILLs the zone's master and measures:
+DORMANT). ``agents`` desktop clients (``pom_ha.desktop.client.DesktopClient``, every AM address) log in, attach
+a job and go ready; ``on_call_share`` of them are offered a call (``agent_call_command``) and answer it
+(Talking). The desktops run in 2-4 worker processes (``pom_ha.bench.agents_worker``, ``DeskWorkers``): one
+bench process answering every desktop's STATE_QUERY and login on one event loop would be measuring itself.
+Each trial SIGKILLs the zone's master and measures:
 
 * ``detection``: the kill (database clock, read just before the signal) → the survivor's lease
   (``ha_lease.acquired_at`` of the new epoch);
 * ``init``: the lease → the zone available (``agent_zone_status.since``, new epoch) **and** every desktop
-  having received ``POM_AVAILABLE`` from the new master (in-process, on the monotonic clock that also stamped
-  the kill);
+  having received ``POM_AVAILABLE`` from the new master (stamped by the workers on ``time.monotonic()``:
+  CLOCK_MONOTONIC is one clock for every process on Linux, the one that also stamped the kill);
 * the sample (``p50_ms``/``p99_ms``): the kill → both of those.
 
 Every trial checks that no agent got a Desktop Error and that every call survived (nailed, call kept: Table 9
@@ -35,6 +37,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -46,8 +49,6 @@ from typing import Any
 from pom_ha.bench.campaigns import BenchLab, _alive_peers, _poll, bench_lab
 from pom_ha.bench.failover import percentile
 from pom_ha.config import Topology
-from pom_ha.desktop.client import DesktopClient, DesktopSettings, DesktopUnavailable, RequestRefused
-from pom_ha.desktop.protocol import CallEvent, PomAvailable
 from pom_ha.ha.logsetup import configure_logging
 from pom_ha.infra.process import InfraError, kill_process
 
@@ -59,7 +60,8 @@ POM_DETECTION_S = 40.0  # the guide: 40 s, "not including the zone initialisatio
 POM_PG_CPU_INCREASE = "30-40 %"
 QUIET_BEFORE_KILL_S = 5.0
 CPU_SAMPLE_S = 0.02
-LOGIN_BATCH = 50
+LOGIN_BATCH = 50  # desktops logging in at once, over every worker
+MAX_WORKERS = 4
 # desktop heartbeats both ways every 2 s (dead after 4 missed): a SIGKILLed AM's desktops notice at once anyway
 # (their sockets close), so the interval does not enter the figures; 500 ms x 1000 desktops is 4000 frames/s
 DESKTOP_HEARTBEAT_MS = 2000
@@ -123,59 +125,107 @@ def postmaster_pid(lab_dir: Path) -> int:
 
 
 # ---- desktops ----------------------------------------------------------------------------------------------
-class BenchDesk:
-    """A desktop that answers offered calls and stamps every POM_AVAILABLE it receives."""
+def worker_count(agents: int, cpus: int | None = None) -> int:
+    """2-4 worker processes (one per CPU within that), never more than there are desktops."""
+    return max(1, min(agents, MAX_WORKERS, max(2, cpus or os.cpu_count() or 2)))
 
-    def __init__(self, addresses: list[tuple[str, int]], agent_id: str) -> None:
-        self.client = DesktopClient(addresses, agent_id, ZONE, settings=DesktopSettings(reply_timeout_s=10.0))
-        self.available_at: float = 0.0  # monotonic time of the last POM_AVAILABLE
-        self.master: str | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._answers: set[asyncio.Task[None]] = set()
 
-    def start(self) -> None:
-        self.client.start()
-        self._pump = asyncio.create_task(self._run())
+class DeskWorkers:
+    """The bench's desktops in ``pom_ha.bench.agents_worker`` processes (started here, ended here by PID)."""
 
-    async def _run(self) -> None:
-        while True:
-            frame = await self.client.events.get()
-            if isinstance(frame, PomAvailable):
-                self.available_at, self.master = time.monotonic(), frame.master
-            elif isinstance(frame, CallEvent) and frame.event == "offered":
-                task = asyncio.create_task(self._answer(frame.call_id))
-                self._answers.add(task)
-                task.add_done_callback(self._answers.discard)
+    def __init__(self, count: int, log_dir: Path) -> None:
+        self.count = count
+        self.log_dir = log_dir
+        self.procs: list[asyncio.subprocess.Process] = []
+        self._readers: list[asyncio.Task[None]] = []
+        self._replies: list[dict[int, asyncio.Future[dict[str, Any]]]] = []
+        self._ready: list[asyncio.Future[dict[str, Any]]] = []
+        self._ids = iter(range(1, 1 << 62))
+        self._logs: list[Path] = []
 
-    async def _answer(self, call_id: str) -> None:
-        with contextlib.suppress(DesktopUnavailable, RequestRefused):
-            await self.client.call_event(call_id, "answered")
+    async def start(self, addresses: list[tuple[str, int]], agent_ids: list[str], batch: int) -> None:
+        """Share ``agent_ids`` out over the workers; returns once every worker's desktops are logged in, ready
+        and attached to the job."""
+        loop = asyncio.get_running_loop()
+        shares = [agent_ids[i::self.count] for i in range(self.count)]
+        for i, share in enumerate(shares):
+            log = self.log_dir / f"am-bench-desktops-{i}.log"
+            self._logs.append(log)
+            with log.open("ab") as err:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "pom_ha.bench.agents_worker", stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE, stderr=err, limit=2**20)
+            self.procs.append(proc)
+            self._replies.append({})
+            self._ready.append(loop.create_future())
+            self._readers.append(asyncio.create_task(self._read(i)))
+            config = {"addresses": addresses, "agents": share, "zone": ZONE, "job": JOB,
+                      "batch": max(1, batch // self.count), "reply_timeout_s": 10.0}
+            assert proc.stdin is not None
+            proc.stdin.write((json.dumps(config) + "\n").encode())
+            await proc.stdin.drain()
+        await asyncio.gather(*self._ready)
+
+    async def _read(self, i: int) -> None:
+        proc = self.procs[i]
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            msg = json.loads(line)
+            if msg.get("ev") == "ready":
+                if not self._ready[i].done():
+                    self._ready[i].set_result(msg)
+            elif msg.get("ev") == "failed":
+                if not self._ready[i].done():
+                    self._ready[i].set_exception(InfraError(f"desktop worker {i}: {msg.get('error')}"))
+            elif (fut := self._replies[i].pop(msg.get("id"), None)) is not None and not fut.done():
+                fut.set_result(msg)
+        gone = InfraError(f"desktop worker {i} (pid {proc.pid}) ended: {self._tail(i)}")
+        for fut in [self._ready[i], *self._replies[i].values()]:
+            if not fut.done():
+                fut.set_exception(gone)
+        self._replies[i].clear()
+
+    def _tail(self, i: int) -> str:
+        with contextlib.suppress(OSError):
+            return Path(self._logs[i]).read_text(errors="replace")[-2000:]
+        return "(no log)"
+
+    async def _ask(self, i: int, op: str, **fields: Any) -> dict[str, Any]:
+        proc = self.procs[i]
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[i][rid] = fut
+        assert proc.stdin is not None
+        proc.stdin.write((json.dumps({"op": op, "id": rid, **fields}) + "\n").encode())
+        await proc.stdin.drain()
+        return await fut
+
+    async def wait_back(self, since: float, master: str | None, timeout_s: float, what: str) -> float:
+        """Until every desktop is available with its last POM_AVAILABLE after ``since`` from ``master``; the
+        latest of those stamps (monotonic)."""
+        replies = await asyncio.gather(*(self._ask(i, "wait", since=since, master=master, timeout_s=timeout_s)
+                                         for i in range(self.count)))
+        if not all(r.get("ok") for r in replies):
+            raise InfraError(f"not within {timeout_s:.0f} s: {what} ({replies})")
+        return max(float(r["max_at"]) for r in replies)
 
     async def close(self) -> None:
-        await self.client.close()
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
-
-
-async def _prepare(desk: BenchDesk, timeout_s: float = 120.0) -> None:
-    """READY + JOB_ATTACH, retried while the zone is (re)initialising (a loaded machine may flap a master)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            state = desk.client.last_state
-            if state is None or not state.ready:
-                await desk.client.ready()
-            if state is None or state.job_id != JOB:
-                await desk.client.job_attach(JOB)
-            return
-        except (DesktopUnavailable, RequestRefused) as exc:
-            if isinstance(exc, RequestRefused) and exc.error.code == "invalid_transition":
-                return  # already ready / attached
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+        for i, proc in enumerate(self.procs):
+            if proc.returncode is None:
+                with contextlib.suppress(InfraError, ConnectionError, OSError, TimeoutError):
+                    async with asyncio.timeout(30):
+                        await self._ask(i, "close")
+        for proc in self.procs:
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, 9)  # our own child, by its pid
+                await proc.wait()
+        for task in self._readers:
+            task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
 
 
 # ---- the bench ---------------------------------------------------------------------------------------------
@@ -190,6 +240,7 @@ class Trial:
     pg_cpu_quiet_s: float
     quiet_window_s: float
     takeover_write_ms: float | None
+    load_avg_1m: float  # the machine's 1-minute load average at the kill (a shared machine: other work counts)
 
 
 async def _lease(bench: BenchLab) -> tuple[str, int, str]:
@@ -212,17 +263,14 @@ async def _wait_heartbeats(bench: BenchLab, timeout_s: float = 30) -> None:
     await _poll(seen, timeout_s, "the Agent Managers see each other on their heartbeat links")
 
 
-async def _trial(bench: BenchLab, desks: list[BenchDesk], sampler: CpuSampler, on_call: int,
+async def _trial(bench: BenchLab, desks: DeskWorkers, sampler: CpuSampler, on_call: int,
                  am_args: tuple[str, ...]) -> Trial:
     server, epoch, instance = await _lease(bench)
     await _wait_heartbeats(bench)  # the dormant has seen the master: the steady state a failover starts from
-
-    async def steady() -> bool:
-        return all(d.client.available.is_set() and d.master == server for d in desks)
-
-    await _poll(steady, 60, f"every desktop available at {server}")
+    await desks.wait_back(0.0, server, 60, f"every desktop available at {server}")
     await asyncio.sleep(QUIET_BEFORE_KILL_S)  # the quiet window the CPU baseline is read from
     fault = await bench.db_now()
+    load = os.getloadavg()[0]
     killed = time.monotonic()
     await asyncio.to_thread(kill_process, bench.procs[f"agent-manager@{server}"])
 
@@ -239,11 +287,9 @@ async def _trial(bench: BenchLab, desks: list[BenchDesk], sampler: CpuSampler, o
 
     since: datetime = await _poll(zone_available, 120, f"{ZONE} available again")
 
-    async def back() -> bool:
-        return all(d.available_at > killed and d.master == lease["holder_server"] for d in desks)
-
-    await _poll(back, 120, "every desktop received POM_AVAILABLE from the new master")
-    desktops_back_s = max(d.available_at for d in desks) - killed
+    last_available = await desks.wait_back(killed, str(lease["holder_server"]), 120,
+                                           "every desktop received POM_AVAILABLE from the new master")
+    desktops_back_s = last_available - killed
     zone_s = (since - fault).total_seconds()
     detection_s = (lease["acquired_at"] - fault).total_seconds()
     total_s = max(zone_s, desktops_back_s)
@@ -267,7 +313,7 @@ async def _trial(bench: BenchLab, desks: list[BenchDesk], sampler: CpuSampler, o
         total_ms=total_s * 1000, detection_ms=detection_s * 1000, init_ms=(total_s - detection_s) * 1000,
         zone_available_ms=zone_s * 1000, desktops_back_ms=desktops_back_s * 1000,
         pg_cpu_failover_s=failover_cpu, pg_cpu_quiet_s=quiet_cpu, quiet_window_s=quiet_s,
-        takeover_write_ms=None if write_ms is None else float(write_ms),
+        takeover_write_ms=None if write_ms is None else float(write_ms), load_avg_1m=load,
     )
 
 
@@ -291,12 +337,13 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 async def run_am_failover(
     base: Topology, *, agents: int = 1000, trials: int = 5, on_call_share: float = 0.3,
-    heartbeat_ms: int = DESKTOP_HEARTBEAT_MS, echo: Callable[[str], None] = print,
+    heartbeat_ms: int = DESKTOP_HEARTBEAT_MS, workers: int = 0, echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """``workers``: desktop worker processes (0: ``worker_count``, 2-4)."""
     if agents < 1 or trials < 1 or not 0 <= on_call_share <= 1:
         raise ValueError("agents and trials must be >= 1, on_call_share within 0..1")
     results: list[Trial] = []
-    desks: list[BenchDesk] = []
+    desks: DeskWorkers | None = None
     configure_logging("WARNING")  # a thousand desktops' info lines would cost the bench's own loop
     async with bench_lab(base, block=BLOCK) as bench:
         await bench.conn.execute("UPDATE pim_config SET value = '30000' WHERE key = 'AppServerWaitTimeOut'")
@@ -316,23 +363,16 @@ async def run_am_failover(
         cpu_task = asyncio.create_task(sampler.run())
         try:
             tag = uuid.uuid4().hex[:4]
-            desks = [BenchDesk(addresses, f"am-bench-{tag}-{i:05d}") for i in range(agents)]
-            # a ramp of LOGIN_BATCH desktops at a time (a contact centre's agents do not all log in at once)
-            for start in range(0, agents, LOGIN_BATCH):
-                batch = desks[start:start + LOGIN_BATCH]
-                for d in batch:
-                    d.start()
-
-                async def logged_in(batch: list[BenchDesk] = batch) -> bool:
-                    return all(d.client.available.is_set() for d in batch)
-
-                await _poll(logged_in, 120, f"desktops {start}..{start + len(batch)} logged in")
-                await asyncio.gather(*(_prepare(d) for d in batch))
+            agent_ids = [f"am-bench-{tag}-{i:05d}" for i in range(agents)]
+            desks = DeskWorkers(workers or worker_count(agents), bench.topo.lab_dir())
+            # a ramp of LOGIN_BATCH desktops at a time over all workers (a contact centre's agents do not all
+            # log in at once)
+            await desks.start(addresses, agent_ids, LOGIN_BATCH)
             on_call = int(agents * on_call_share)
             await bench.conn.execute(
                 "INSERT INTO agent_call_command (zone, agent_id, event, call_id, job_id)"
                 " SELECT $1, a, 'offered', 'bench-call-' || a, $2 FROM unnest($3::text[]) AS a",
-                ZONE, JOB, [d.client.agent_id for d in desks[:on_call]])
+                ZONE, JOB, agent_ids[:on_call])
 
             async def talking() -> bool:
                 n = await bench.conn.fetchval(
@@ -340,19 +380,21 @@ async def run_am_failover(
                 return bool(n == on_call)
 
             await _poll(talking, 120, f"{on_call} agents talking")
-            echo(f"  {agents} desktops logged in at {master}, {on_call} of them talking")
+            echo(f"  {agents} desktops ({desks.count} worker processes) logged in at {master}, {on_call} of them"
+                 " talking")
             for i in range(trials):
                 t = await _trial(bench, desks, sampler, on_call, am_args)
                 results.append(t)
                 echo(f"  trial {i + 1}/{trials}: kill -> zone available and every desktop back {t.total_ms:.0f} ms "
                      f"(detection {t.detection_ms:.0f} ms + init {t.init_ms:.0f} ms; zone row {t.zone_available_ms:.0f}"
                      f" ms, last desktop {t.desktops_back_ms:.0f} ms); PG CPU {t.pg_cpu_failover_s:.2f} s vs quiet "
-                     f"{t.pg_cpu_quiet_s:.2f} s")
+                     f"{t.pg_cpu_quiet_s:.2f} s; load average {t.load_avg_1m:.2f}")
         finally:
             cpu_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, InfraError):
                 await cpu_task
-            await asyncio.gather(*(d.close() for d in desks))
+            if desks is not None:
+                await desks.close()
     totals = [t.total_ms for t in results]
     failover_pct = sum(t.pg_cpu_failover_s for t in results) / (sum(totals) / 1000) * 100
     quiet_pct = sum(t.pg_cpu_quiet_s for t in results) / sum(t.quiet_window_s for t in results) * 100
@@ -361,13 +403,14 @@ async def run_am_failover(
     return {
         "component": "am", "mode": "kill", "agents": agents, "desktop_heartbeat_ms": heartbeat_ms,
         "on_call": int(agents * on_call_share),
-        "trials": trials,
+        "trials": trials, "desktop_workers": desks.count if desks is not None else 0,
         **_stats(totals), "mean_ms": round(statistics.fmean(totals), 1),
         "detection": _stats([t.detection_ms for t in results]),
         "init": _stats([t.init_ms for t in results]),
         "zone_available": _stats([t.zone_available_ms for t in results]),
         "desktops_back": _stats([t.desktops_back_ms for t in results]),
         "takeover_write_ms": [t.takeover_write_ms for t in results],
+        "load_avg_1m": [round(t.load_avg_1m, 2) for t in results],
         "target_p99_ms": target_ms, "meets_target": p99 <= target_ms,
         "pom_detection_s": POM_DETECTION_S, "pom_ratio_p99": round(POM_DETECTION_S * 1000 / p99, 1),
         "pg_cpu_quiet_pct": round(quiet_pct, 2),

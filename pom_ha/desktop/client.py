@@ -411,6 +411,17 @@ class BotStats:
 
 
 class BotAgent:
+    """One simulated agent. Its call (state, call id, job) is the desktop's own account and survives a lost
+    connection: a real desktop keeps its call while it reconnects to the new master, reports it in the
+    ``STATE_REPORT`` and finishes it (release, wrap-up) once the zone is available again. Only a
+    ``FORCED_LOGOUT`` (the manager closed the call) clears it.
+
+    After each login the first ``AGENT_STATE`` that follows the login's ``POM_AVAILABLE`` is the manager's
+    account of the agent; the bot lines up with it (``_resync``): a call the manager no longer has is dropped,
+    a dial or pending call the manager saw answered is talked, a wrap-up the manager already has is wrapped
+    up, an action that was lost with the connection is taken again, and an agent with no call and no job (a
+    fresh login, or detached by a takeover) attaches to ``job_id`` and goes ready."""
+
     def __init__(self, client: DesktopClient, settings: BotSettings | None = None, rng: random.Random | None = None):
         self.client = client
         self.settings = settings or BotSettings()
@@ -420,6 +431,8 @@ class BotAgent:
         self.call_id: str | None = None
         self.job_id: str | None = None
         self._timer: asyncio.Task[None] | None = None
+        self._resync_pending = False  # a login happened; its manager's account of the agent is still to come
+        self._announced = False  # ... and its POM_AVAILABLE has been read: the next AGENT_STATE is that account
         client.state_report = self.report
 
     def report(self) -> tuple[CallState, str | None, str | None]:
@@ -439,17 +452,22 @@ class BotAgent:
             self._cancel_timer()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        timer, self._timer = self._timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
 
     def _later(self, delay_s: float, action: Callable[[], Any]) -> None:
+        """Run ``action`` after ``delay_s``; ``_timer`` stays set until the action has finished, so an action
+        waiting for the zone (or lost with the connection) is known to be pending."""
         self._cancel_timer()
 
         async def fire() -> None:
-            await asyncio.sleep(delay_s)
-            self._timer = None
-            await action()
+            try:
+                await asyncio.sleep(delay_s)
+                await action()
+            finally:
+                if self._timer is asyncio.current_task():
+                    self._timer = None
 
         self._timer = asyncio.create_task(fire(), name=f"bot-{self.client.agent_id}")
 
@@ -472,37 +490,81 @@ class BotAgent:
         self.call_state, self.call_id = CallState.IDLE, None
 
     async def on_frame(self, frame: ToDesktop) -> None:
-        s = self.settings
         if isinstance(frame, LoginOk):
-            self._reset()
-            self.job_id = None
-            if s.job_id is not None and await self._act(lambda: self.client.job_attach(str(s.job_id))):
-                self.job_id = s.job_id
-            await self._act(self.client.ready)
+            # A new session: first login, a reconnect after a lost connection or a failover, or a login after a
+            # forced logout. The call (if any) is kept: the manager's check compares it with its own account.
+            self._resync_pending, self._announced = True, False
+        elif isinstance(frame, PomNotAvailable):
+            self._announced = False
+        elif isinstance(frame, PomAvailable):
+            self._announced = self._resync_pending
         elif isinstance(frame, ForcedLogout):
-            self._reset()
+            self._reset()  # the manager closed the call (desktop error, zone reset, SDK link lost) and the job
             self.job_id = None
         elif isinstance(frame, AgentStateFrame):
-            if frame.job_id is not None:
-                self.job_id = frame.job_id  # the manager attaches agents to jobs
-        elif isinstance(frame, PreviewOffered | CallbackOffered) and s.accept_previews:
-            self.call_state, self.call_id = CallState.PREVIEW, frame.call_id
-            if isinstance(frame, PreviewOffered):
-                ok = await self._act(lambda: self.client.preview_accept(frame.call_id))
-                self.stats.previews_accepted += ok
+            if self._resync_pending and self._announced:
+                self._resync_pending = self._announced = False
+                await self._resync(frame)
             else:
-                self.call_state = CallState.CALLBACK
-                ok = await self._act(lambda: self.client.callback_accept(frame.call_id))
-                self.stats.callbacks_accepted += ok
-            self.call_state = CallState.DIALING if ok else CallState.IDLE
+                self.job_id = frame.job_id  # the manager attaches (and detaches) agents to jobs
+        elif isinstance(frame, PreviewOffered | CallbackOffered) and self.settings.accept_previews:
+            callback = isinstance(frame, CallbackOffered)
+            self.call_state, self.call_id = CallState.CALLBACK if callback else CallState.PREVIEW, frame.call_id
+            await self._accept(frame.call_id, callback)
         elif isinstance(frame, CallEvent):
             await self._on_call_event(frame)
+
+    async def _resync(self, am: AgentStateFrame) -> None:
+        """Line up with the manager's account of the agent after a login (see the class doc)."""
+        self.job_id = am.job_id
+        mine = self.call_id
+        if mine is not None and am.call_id is None:
+            self._reset()  # e.g. a pending call the takeover closed, or the manager logged the agent out
+        elif mine is not None and am.call_id == mine:
+            state, pending = self.call_state, self._timer is not None
+            if am.call_state is CallState.TALKING and state in (CallState.DIALING, CallState.PENDING_CALL):
+                self._talking()  # answered while the desktop was away (or the answer's OK was lost)
+            elif am.call_state is CallState.WRAPUP and state is not CallState.WRAPUP:
+                self._wrapping()  # the release went through; a CALL_EVENT released may follow and is ignored
+            elif am.call_state is CallState.PENDING_CALL and state is CallState.PENDING_CALL:
+                await self._answer(mine)  # the answer was lost with the connection
+            elif am.call_state in (CallState.PREVIEW, CallState.CALLBACK) and state is am.call_state:
+                await self._accept(mine, state is CallState.CALLBACK)
+            elif state is CallState.TALKING and not pending:
+                self._later(0, self._hang_up)  # the release was lost with the connection
+            elif state is CallState.WRAPUP and not pending:
+                self._later(0, self._wrap_up)
+        if self.call_id is None:
+            await self._prepare(am.job_id, am.ready)
+
+    async def _prepare(self, job_id: str | None, ready: bool) -> None:
+        """An agent with no call: attached to the configured job and ready."""
+        s = self.settings
+        if s.job_id is not None and job_id is None and await self._act(lambda: self.client.job_attach(str(s.job_id))):
+            self.job_id = s.job_id
+        if not ready:
+            await self._act(self.client.ready)
+
+    async def _accept(self, call_id: str, callback: bool) -> None:
+        if callback:
+            ok = await self._act(lambda: self.client.callback_accept(call_id))
+            self.stats.callbacks_accepted += ok
+        else:
+            ok = await self._act(lambda: self.client.preview_accept(call_id))
+            self.stats.previews_accepted += ok
+        if ok:
+            self.call_state = CallState.DIALING
+        elif self.client.logged_in.is_set() and self.call_id == call_id:
+            self._reset()  # refused; an accept lost with the connection is retried after the next login
+
+    async def _answer(self, call_id: str) -> None:
+        if await self._act(lambda: self.client.call_event(call_id, "answered")):
+            self._talking()
 
     async def _on_call_event(self, frame: CallEvent) -> None:
         if frame.event == "offered":
             self.call_state, self.call_id = CallState.PENDING_CALL, frame.call_id
-            if await self._act(lambda: self.client.call_event(frame.call_id, "answered")):
-                self._talking()
+            await self._answer(frame.call_id)
         elif frame.event == "dial_started":
             self.call_state, self.call_id = CallState.DIALING, frame.call_id
         elif frame.event == "answered" and frame.call_id == self.call_id:
@@ -510,7 +572,7 @@ class BotAgent:
         elif frame.event == "released" and frame.call_id == self.call_id:
             if self.call_state is CallState.PENDING_CALL:
                 self._reset()
-            else:
+            elif self.call_state is not CallState.WRAPUP:
                 self._wrapping()
 
     def _talking(self) -> None:
@@ -535,3 +597,5 @@ class BotAgent:
         ):
             self.stats.wrapups += 1
             self.call_state, self.call_id = CallState.IDLE, None
+            if self.settings.job_id is not None and self.job_id is None:
+                await self._prepare(None, True)  # detached from its job by a takeover: attach again

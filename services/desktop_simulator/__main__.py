@@ -5,7 +5,8 @@ Runs N bot agents (``pom_ha.desktop.client.BotAgent``) of zone Z. Each desktop k
 address of the topology (``<server address>:ports.desktop``, ``--server``'s first), logs in, goes ready,
 answers the calls the manager offers, talks ``--talk-s``, releases, wraps up after ``--wrap-s``; it
 attaches to ``--job`` at login (an agent without a job is offered no
-call), reconnects and logs in again after a failover or a forced logout (e.g. "Save and Apply"). Every
+call), reconnects and logs in again after a failover (keeping the call it is on: it reports it to the new
+master and finishes it there) or a forced logout (e.g. "Save and Apply"). Every
 ``--report-s`` one JSON log line gives the counts (``simulator report``). SIGTERM/SIGINT: the desktops
 close and the process exits 0 after a final report.
 """

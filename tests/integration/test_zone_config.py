@@ -5,6 +5,7 @@ desktop clients and a real desktop-simulator process. Conditions are polled with
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import asyncpg
 import pytest
 
 from pom_ha.desktop.protocol import ForcedLogout
-from pom_ha.infra.process import log_tail, stop_process
+from pom_ha.infra.process import kill_process, log_tail, stop_process
 from pom_ha.infra.stack import Stack
 from pom_ha.lab.daemons import start_daemon
 from tests.integration.test_agent_manager import (  # noqa: F401  (db, managers: fixtures)
@@ -203,3 +204,95 @@ async def test_desktop_simulator_takes_calls_and_follows_an_apply(
         await asyncio.to_thread(stop_process, sim, stack.topo.lab_dir() / "run", 10)
     assert '"event": "simulator stopped"' in log_tail(sim.log, 50)
     assert '"zone_reset": ' in log_tail(sim.log, 50)
+
+
+async def test_desktop_simulator_keeps_its_calls_across_an_am_sigkill(
+    stack: Stack, topology_file: Path, zdb: asyncpg.Connection, managers: Managers,  # noqa: F811
+) -> None:
+    """Simulator bots Talking when their zone's master is SIGKILLed: each bot keeps its call across the
+    reconnect and reports it (Talking, its call id) to the new master's STATE_QUERY, so Table 9's "nailed,
+    customer call kept" row applies — no DESKTOP_ERROR, no forced logout, the call still Talking at the new
+    master — and the bot then finishes that call there (released, wrapped up SALE)."""
+    pg = zdb
+    h = await holders(pg)
+    victim, old_epoch = h[ZONE]
+    prefix = f"simk{uuid.uuid4().hex[:4]}-"
+    n = 6
+    agents = [f"{prefix}{i:04d}" for i in range(1, n + 1)]
+    # talk long enough that every call outlives the takeover (the bots wrap up only after it)
+    sim = start_daemon(stack.topo, topology_file, victim, "desktop-simulator", "--zone", ZONE, "--agents", str(n),
+                       "--talk-s", "8", "--wrap-s", "0.1", "--jitter", "0", "--report-s", "0.3",
+                       "--agent-prefix", prefix, "--job", "job-sim", name=f"desksim-{uuid.uuid4().hex[:4]}")
+    try:
+        async def rows() -> list[asyncpg.Record]:
+            return await pg.fetch("SELECT * FROM agents WHERE zone = $1 AND agent_id LIKE $2 ORDER BY agent_id",
+                                  ZONE, prefix + "%")
+
+        async def ready() -> bool:
+            r = await rows()
+            return len(r) == n and all(x["logged_in"] and x["ready"] and x["job_id"] == "job-sim" for x in r)
+        try:
+            await until(ready, f"{n} simulated agents logged in, attached and ready at {victim}", 30)
+        except AssertionError:
+            print(log_tail(sim.log), managers.logs())
+            raise
+        for a in agents:
+            await pg.execute("INSERT INTO agent_call_command (zone, agent_id, event, call_id) VALUES"
+                             " ($1, $2, 'offered', $3)", ZONE, a, f"k-{a}")
+
+        async def talking() -> bool:
+            r = await rows()
+            return all(x["call_state"] == "Talking" and x["call_id"] == f"k-{x['agent_id']}" for x in r)
+        await until(talking, "every bot Talking on its call", 20)
+
+        async def bots_talking() -> bool:
+            # the bots' own account too: each has the OK of its answer (the manager persists before it replies,
+            # so the table can say Talking while an OK is still on its way; a kill in that instant leaves a desktop
+            # that cannot know whether its answer was applied)
+            return f'"calls_answered": {n}' in log_tail(sim.log, 20)
+        await until(bots_talking, f"a simulator report with {n} calls answered", 10)
+
+        await asyncio.to_thread(kill_process, managers.procs[victim])
+
+        async def available() -> bool:
+            row = await pg.fetchrow("SELECT available, epoch FROM agent_zone_status WHERE zone = $1", ZONE)
+            return row is not None and row["available"] and row["epoch"] > old_epoch
+        try:
+            await until(available, f"{ZONE} available again at the survivor", 30)
+        except AssertionError:
+            print(log_tail(sim.log), managers.logs())
+            raise
+        log_rows = await pg.fetch("SELECT * FROM agent_failover_log WHERE zone = $1 AND agent_id LIKE $2"
+                                  " AND epoch > $3 ORDER BY agent_id", ZONE, prefix + "%", old_epoch)
+        assert [r["agent_id"] for r in log_rows] == agents, [dict(r) for r in log_rows]
+        for r in log_rows:
+            # the desktop's account agreed with the stored one: nailed, customer call kept, nothing closed
+            assert (r["before_state"], r["desktop_state"], r["after_state"]) == ("Talking",) * 3, dict(r)
+            assert r["nailed"] and not r["force_logout"] and r["completion_code"] is None, dict(r)
+            assert r["call_id"] == f"k-{r['agent_id']}", dict(r)
+        # the calls are still going at the new master (the bots talk 8 s)
+        for x in await rows():
+            assert x["logged_in"] and x["epoch"] > old_epoch and x["desktop_errors"] == 0, dict(x)
+            assert x["call_state"] == "Talking" and x["call_id"] == f"k-{x['agent_id']}", dict(x)
+
+        async def finished() -> bool:
+            r = await rows()
+            return all(x["call_state"] == "Idle" and x["last_completion_code"] == "SALE"
+                       and x["last_closed_call_id"] == f"k-{x['agent_id']}" and x["desktop_errors"] == 0 for x in r)
+        try:
+            await until(finished, "every bot released and wrapped up its call (SALE) at the new master", 30)
+        except AssertionError:
+            print([dict(x) for x in await rows()], log_tail(sim.log), managers.logs())
+            raise
+        # every call's release and wrap-up were applied by the new master, none refused
+        refused = await pg.fetchval("SELECT count(*) FROM agent_call_command WHERE agent_id LIKE $1"
+                                    " AND result LIKE 'refused%'", prefix + "%")
+        assert refused == 0
+    finally:
+        await asyncio.to_thread(stop_process, sim, stack.topo.lab_dir() / "run", 10)
+    tail = log_tail(sim.log, 50)
+    stopped = [json.loads(line) for line in tail.splitlines() if '"simulator stopped"' in line]
+    assert stopped, tail
+    final = stopped[-1]
+    assert final["forced_logouts"] == {} and final["calls_answered"] == n and final["wrapups"] == n, final
+    assert final["refused"] == 0, final

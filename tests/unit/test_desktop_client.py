@@ -20,6 +20,7 @@ from pom_ha.desktop.client import (
     RequestRefused,
 )
 from pom_ha.desktop.protocol import (
+    AgentStateFrame,
     CallEvent,
     ErrorFrame,
     ForcedLogout,
@@ -46,8 +47,10 @@ from pom_ha.ha.retry import Backoff
 
 
 class FakeManager:
-    """Answers LOGIN with LOGIN_OK + POM_AVAILABLE, requests with OK (or ERROR when ``refuse`` says so),
-    heartbeats with heartbeats (unless ``silent``), and records what it received."""
+    """Answers LOGIN with LOGIN_OK + POM_AVAILABLE + AGENT_STATE (a fresh agent), requests with OK (or ERROR when
+    ``refuse`` says so), heartbeats with heartbeats (unless ``silent``), and records what it received. An agent
+    in ``takeover`` is a stored agent of a zone being taken over: its login gets LOGIN_OK + POM_NOT_AVAILABLE +
+    STATE_QUERY, and its STATE_REPORT POM_AVAILABLE + that AGENT_STATE (the manager's account after Table 9)."""
 
     def __init__(self, name: str, *, heartbeat_ms: int = 50, miss_limit: int = 3) -> None:
         self.name = name
@@ -58,6 +61,7 @@ class FakeManager:
         self.refuse: Callable[[ToManager], ErrorFrame | None] = lambda frame: None
         self.frame_arrived = asyncio.Event()
         self.peers: list[str] = []
+        self.takeover: dict[str, AgentStateFrame] = {}
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -104,9 +108,17 @@ class FakeManager:
                         master=self.name, epoch=1, heartbeat_interval_ms=self.heartbeat_ms,
                         heartbeat_miss_limit=self.miss_limit, manager_addresses=self.peers,
                     ))
+                    if agent in self.takeover:
+                        await write_frame(writer, PomNotAvailable(zone=frame.zone, reason="taking the zone over"))
+                        await write_frame(writer, StateQuery(req=900))
+                        continue
                     await write_frame(writer, PomAvailable(zone=frame.zone, master=self.name, epoch=1))
+                    await write_frame(writer, AgentStateFrame(logged_in=True, ready=False, call_state=CallState.IDLE))
                     continue
                 if isinstance(frame, StateReport):
+                    if agent in self.takeover:
+                        await write_frame(writer, PomAvailable(zone="zone1", master=self.name, epoch=2))
+                        await write_frame(writer, self.takeover.pop(agent))
                     continue
                 error = self.refuse(frame)
                 await write_frame(writer, error or Ok(req=frame.req))  # type: ignore[arg-type]
@@ -283,6 +295,103 @@ async def test_bot_waits_for_pom_available_before_acting(managers: tuple[FakeMan
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
+
+
+async def _until(check: Callable[[], bool], what: str, within_s: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def test_bot_keeps_its_call_across_a_failover_and_finishes_it(
+    managers: tuple[FakeManager, FakeManager],
+) -> None:
+    """The master (pom1) dies while the bot is Talking; at the new master (pom2) the bot reports Talking on its
+    call and its job (not Idle: that would be a Desktop Error), logs in without JOB_ATTACH/READY (the manager
+    kept them), then releases the same call and wraps it up there. The talk time ends during the gap: the
+    release waits for POM_AVAILABLE."""
+    pom1, pom2 = managers
+    pom2.takeover["agent7"] = AgentStateFrame(logged_in=True, ready=True, call_state=CallState.TALKING,
+                                              job_id="job1", call_id="c1")
+    async with _client([("127.0.0.1", pom1.port), ("127.0.0.1", pom2.port)]) as client:
+        bot = BotAgent(client, BotSettings(talk_s=0.3, wrap_s=0.02, completion_code="SALE", job_id="job1"))
+        runner = asyncio.create_task(bot.run())
+        try:
+            await pom1.wait_for(lambda f: isinstance(f, Ready))
+            await pom1.push("agent7", CallEvent(call_id="c1", event="offered"))
+            await pom1.wait_for(lambda f: isinstance(f, CallEvent) and f.event == "answered")
+            await _until(lambda: bot.call_state is CallState.TALKING, "the bot Talking")
+            await pom1.stop()
+            report = await pom2.wait_for(lambda f: isinstance(f, StateReport))
+            assert report == StateReport(req=900, call_state=CallState.TALKING, call_id="c1", job_id="job1")
+            released = await pom2.wait_for(lambda f: isinstance(f, CallEvent) and f.event == "released")
+            assert isinstance(released, CallEvent) and released.call_id == "c1"
+            wrap = await pom2.wait_for(lambda f: isinstance(f, WrapUp))
+            assert isinstance(wrap, WrapUp) and (wrap.call_id, wrap.completion_code) == ("c1", "SALE")
+            # nothing the manager kept was asked for again, and the call ran in order at the new master
+            assert [type(f) for f in pom2.received if not isinstance(f, Heartbeat)] == [
+                Login, StateReport, CallEvent, WrapUp]
+            assert bot.stats.calls_answered == 1 and bot.stats.calls_released == 1 and bot.stats.refused == 0
+            await _until(lambda: bot.call_state is CallState.IDLE, "the bot Idle")
+            assert bot.report() == (CallState.IDLE, None, "job1")
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+
+async def test_bot_follows_the_managers_account_after_a_failover(
+    managers: tuple[FakeManager, FakeManager],
+) -> None:
+    """The new master's account wins where the desktop could not know: a call the takeover ended is dropped
+    and an agent the takeover detached from its job attaches again; a dial answered during the gap (the manager
+    says Talking, no CALL_EVENT) is talked, released and wrapped up."""
+    pom1, pom2 = managers
+    pom2.takeover["agent7"] = AgentStateFrame(logged_in=True, ready=True, call_state=CallState.IDLE)
+    async with _client([("127.0.0.1", pom1.port), ("127.0.0.1", pom2.port)]) as client:
+        bot = BotAgent(client, BotSettings(talk_s=0.05, wrap_s=0.02, completion_code="SALE", job_id="job1"))
+        runner = asyncio.create_task(bot.run())
+        try:
+            await pom1.wait_for(lambda f: isinstance(f, Ready))
+            await pom1.push("agent7", CallEvent(call_id="d1", event="dial_started"))
+            await _until(lambda: bot.call_id == "d1", "the bot Dialing d1")
+            await pom1.stop()
+            report = await pom2.wait_for(lambda f: isinstance(f, StateReport))
+            assert isinstance(report, StateReport) and (report.call_state, report.call_id) == (CallState.DIALING, "d1")
+            attach = await pom2.wait_for(lambda f: isinstance(f, JobAttach))  # Idle, no job: attaches again
+            assert isinstance(attach, JobAttach) and attach.job_id == "job1"
+            assert bot.call_id is None and not any(isinstance(f, Ready) for f in pom2.received)  # still ready
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+    # a dial answered during the gap: the manager says Talking on the bot's call, the bot talks and wraps up
+    pom3 = FakeManager("pom3")
+    await pom3.start()
+    pom3.takeover["agent7"] = AgentStateFrame(logged_in=True, ready=True, call_state=CallState.TALKING,
+                                              job_id="job1", call_id="d2")
+    try:
+        async with _client([("127.0.0.1", pom2.port), ("127.0.0.1", pom3.port)]) as client:
+            bot = BotAgent(client, BotSettings(talk_s=0.05, wrap_s=0.02, completion_code="SALE", job_id="job1"))
+            runner = asyncio.create_task(bot.run())
+            try:
+                await pom2.wait_for(lambda f: isinstance(f, Ready))
+                await pom2.push("agent7", CallEvent(call_id="d2", event="dial_started"))
+                await _until(lambda: bot.call_id == "d2", "the bot Dialing d2")
+                await pom2.stop()
+                wrap = await pom3.wait_for(lambda f: isinstance(f, WrapUp))
+                assert isinstance(wrap, WrapUp) and wrap.call_id == "d2"
+                assert [(f.call_id, f.event) for f in pom3.received if isinstance(f, CallEvent)] == [("d2", "released")]
+                assert bot.stats.calls_answered == 1
+            finally:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+    finally:
+        await pom3.stop()
 
 
 def test_bot_settings_are_checked() -> None:
