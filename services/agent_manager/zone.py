@@ -92,12 +92,8 @@ YIELD_EVERY = 100  # agents handled per event-loop turn in the takeover's loops
 REPORT_BUDGET_S = STATE_QUERY_TIMEOUT_S  # the takeover waits this long for the reports once all desktops are back
 COMMAND_POLL_S = 1.0
 
-SQL_UPSERT_AGENT = """
-INSERT INTO agents (zone, agent_id, logged_in, ready, call_state, call_role, job_state, job_id, call_id, nailed,
-                    login_time, ha_time_s, failovers, nuisance_calls, desktop_errors, last_completion_code,
-                    last_closed_call_id, epoch, updated_at)
-SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, now() WHERE {fence}
-ON CONFLICT (zone, agent_id) DO UPDATE SET
+#: an agent row replaces the stored one whole (both upserts below)
+_AGENT_UPSERT_SET = """ON CONFLICT (zone, agent_id) DO UPDATE SET
     logged_in = EXCLUDED.logged_in, ready = EXCLUDED.ready, call_state = EXCLUDED.call_state,
     call_role = EXCLUDED.call_role, job_state = EXCLUDED.job_state, job_id = EXCLUDED.job_id,
     call_id = EXCLUDED.call_id, nailed = EXCLUDED.nailed, login_time = EXCLUDED.login_time,
@@ -105,6 +101,12 @@ ON CONFLICT (zone, agent_id) DO UPDATE SET
     desktop_errors = EXCLUDED.desktop_errors, last_completion_code = EXCLUDED.last_completion_code,
     last_closed_call_id = EXCLUDED.last_closed_call_id, epoch = EXCLUDED.epoch, updated_at = now()
 """
+SQL_UPSERT_AGENT = f"""
+INSERT INTO agents (zone, agent_id, logged_in, ready, call_state, call_role, job_state, job_id, call_id, nailed,
+                    login_time, ha_time_s, failovers, nuisance_calls, desktop_errors, last_completion_code,
+                    last_closed_call_id, epoch, updated_at)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, now() WHERE {{fence}}
+{_AGENT_UPSERT_SET}"""
 _AGENT_COLS = """agent_id, logged_in, ready, call_state, call_role, job_state, job_id, call_id, nailed,
                     login_time, ha_time_s, failovers, nuisance_calls, desktop_errors, last_completion_code,
                     last_closed_call_id"""
@@ -114,14 +116,7 @@ INSERT INTO agents (zone, {_AGENT_COLS}, epoch, updated_at)
 SELECT $1, u.*, $2, now() FROM unnest($3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[], $8::text[],
     $9::text[], $10::text[], $11::bool[], $12::timestamptz[], $13::float8[], $14::int[], $15::int[], $16::int[],
     $17::text[], $18::text[]) AS u WHERE {{fence}}
-ON CONFLICT (zone, agent_id) DO UPDATE SET
-    logged_in = EXCLUDED.logged_in, ready = EXCLUDED.ready, call_state = EXCLUDED.call_state,
-    call_role = EXCLUDED.call_role, job_state = EXCLUDED.job_state, job_id = EXCLUDED.job_id,
-    call_id = EXCLUDED.call_id, nailed = EXCLUDED.nailed, login_time = EXCLUDED.login_time,
-    ha_time_s = EXCLUDED.ha_time_s, failovers = EXCLUDED.failovers, nuisance_calls = EXCLUDED.nuisance_calls,
-    desktop_errors = EXCLUDED.desktop_errors, last_completion_code = EXCLUDED.last_completion_code,
-    last_closed_call_id = EXCLUDED.last_closed_call_id, epoch = EXCLUDED.epoch, updated_at = now()
-"""
+{_AGENT_UPSERT_SET}"""
 SQL_FAILOVER_LOGS = """
 INSERT INTO agent_failover_log (zone, epoch, agent_id, before_state, after_state, after_job_state, table_column,
     call_effect, nailed, job_detached, desktop_state, completion_code, force_logout, call_id, ha_time_s)

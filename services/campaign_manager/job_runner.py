@@ -66,6 +66,14 @@ OFFER_TIMEOUT_S = 60.0  # an offer no AM applied within this long (no master for
 OFFER_TRIES = 3  # a live answer refused by the AM (its agent changed state meanwhile) goes to another agent
 
 
+@dataclass
+class _LoopTimers:
+    """When a dial loop next sweeps overdue attempts and next re-reads its job's state (monotonic seconds)."""
+
+    next_state: float = 0.0
+    next_sweep: float = 0.0
+
+
 @dataclass(frozen=True)
 class RunnerOptions:
     state_poll_s: float = 0.25  # how often a running job's state is re-read (pause/stop by the Director)
@@ -396,7 +404,7 @@ class JobRunner:
             return await self._dial_agents(definition, self.agent_link)
         pacer = self._pacer(definition)
         tick = min(0.1, max(0.01, pacer.burst / pacer.rate / 2))
-        next_state = next_sweep = 0.0
+        timers = _LoopTimers()
         # the contact counts (a scan of every contact of the job: 100-200 ms at 200,000 contacts) are read
         # beside the dial loop, never in it, so a tick (and the first dial after a failover) never waits for them
         self._progress = None
@@ -405,28 +413,12 @@ class JobRunner:
             while True:
                 self._check()
                 now = time.monotonic()
-                if now >= next_sweep:
-                    await self._sweep()
-                    next_sweep = now + self.opts.sweep_s
-                if now >= next_state:
-                    current = await self.store.state()
-                    if current is None or current[0] != "Running":
-                        return
-                    next_state = now + self.opts.state_poll_s
+                if (stats := await self._housekeeping(now, timers)) is None:
+                    return
                 if self.pacing_rate is not None and self.pacing_rate != pacer.rate:
                     pacer = self._pacer(definition)  # a runtime change: the new rate from this tick on
                     tick = min(0.1, max(0.01, pacer.burst / pacer.rate / 2))
                     self.log.info("pacing rate changed", calls_per_second=pacer.rate)
-                progress = self._progress
-                if progress is not None and progress.pending == 0 and progress.dialing == 0 and self._idle():
-                    progress = await self.store.progress()  # confirmed on a fresh read, in this task
-                    if progress.pending == 0 and progress.dialing == 0 and self._idle():
-                        if await self._set_state("Running", "Stopping", ending="Completed",
-                                                      reason="all contacts done"):
-                            self.log.info("all contacts done, job stopping", contacts=progress.total)
-                        return
-                    self._progress = progress
-                stats = JobStats() if progress is None else JobStats(progress.total, progress.finished)
                 if not await self._media_ready(now):
                     await asyncio.sleep(tick)
                     continue
@@ -439,6 +431,27 @@ class JobRunner:
                 await asyncio.sleep(max(0.0, now + tick - time.monotonic()))  # a slow batch eats into its tick
         finally:
             watcher.cancel()
+
+    async def _housekeeping(self, now: float, timers: _LoopTimers) -> JobStats | None:
+        """The part of a dial-loop tick every pacing kind shares: sweep overdue attempts, re-read the job's state,
+        end the job once every contact is done. None: the loop ends (the job is no longer Running, or done)."""
+        if now >= timers.next_sweep:
+            await self._sweep()
+            timers.next_sweep = now + self.opts.sweep_s
+        if now >= timers.next_state:
+            current = await self.store.state()
+            if current is None or current[0] != "Running":
+                return None
+            timers.next_state = now + self.opts.state_poll_s
+        progress = self._progress
+        if progress is not None and progress.pending == 0 and progress.dialing == 0 and self._idle():
+            progress = await self.store.progress()  # confirmed on a fresh read, in this task
+            if progress.pending == 0 and progress.dialing == 0 and self._idle():
+                if await self._set_state("Running", "Stopping", ending="Completed", reason="all contacts done"):
+                    self.log.info("all contacts done, job stopping", contacts=progress.total)
+                return None
+            self._progress = progress
+        return JobStats() if progress is None else JobStats(progress.total, progress.finished)
 
     def _pacer(self, definition: CampaignDefinition) -> TimeBasedPacer:
         if self.pacing_rate is None:
@@ -580,31 +593,15 @@ class JobRunner:
         self._agent_pacer = pacer
         preview = definition.pacing.kind is PacingKind.PREVIEW
         tick = 0.1
-        next_state = next_sweep = 0.0
+        timers = _LoopTimers()
         self._progress = None
         watcher = self._spawn(self._watch_progress(), f"job-{self.job_id}-progress")
         try:
             while True:
                 self._check()
                 now = time.monotonic()
-                if now >= next_sweep:
-                    await self._sweep()
-                    next_sweep = now + self.opts.sweep_s
-                if now >= next_state:
-                    current = await self.store.state()
-                    if current is None or current[0] != "Running":
-                        return
-                    next_state = now + self.opts.state_poll_s
-                progress = self._progress
-                if progress is not None and progress.pending == 0 and progress.dialing == 0 and self._idle():
-                    progress = await self.store.progress()
-                    if progress.pending == 0 and progress.dialing == 0 and self._idle():
-                        if await self._set_state("Running", "Stopping", ending="Completed",
-                                                 reason="all contacts done"):
-                            self.log.info("all contacts done, job stopping", contacts=progress.total)
-                        return
-                    self._progress = progress
-                stats = JobStats() if progress is None else JobStats(progress.total, progress.finished)
+                if (stats := await self._housekeeping(now, timers)) is None:
+                    return
                 view = await link.view()
                 if isinstance(pacer, PredictivePacer):
                     for seconds in link.handle_times:
