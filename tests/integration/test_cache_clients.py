@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from pom_ha.cache import CacheUnavailable, OperationalCache, load_jobs, quiet_pyignite_logs, rebuild_from_postgres
+from pom_ha.cache import CacheUnavailable, OperationalCache, load_jobs, quiet_pyignite_logs
 from pom_ha.desktop.client import DesktopClient, DesktopSettings
 from pom_ha.desktop.protocol import AgentStateFrame, CallbackRequest, ErrorFrame, ToDesktop
 from pom_ha.domain.agents import CallState
@@ -37,6 +37,7 @@ from pom_ha.infra.ignite import IgniteLauncher
 from pom_ha.infra.process import ProcessRecord, log_tail, stop_process
 from pom_ha.infra.stack import Stack
 from pom_ha.lab.daemons import start_daemon
+from tests.integration.cache_helpers import rebuild_when_lock_free
 from tests.integration.test_campaign_manager import OUTCOMES, create_job, give
 
 pytestmark = pytest.mark.integration
@@ -62,25 +63,6 @@ def nodes(stack: Stack) -> list[IgniteLauncher]:
     found = [n for n in stack.launchers("ignite") if isinstance(n, IgniteLauncher)]
     assert len(found) == 3, "these tests need the 3-node lab topology"
     return found
-
-
-async def rebuild_when_lock_free(db: asyncpg.Connection, cache: OperationalCache) -> Any:
-    """Our own rebuild (what a cache service does), once no other holds the rebuild lock (60 s TTL) and the
-    restarted cluster takes the creation of its caches (refused as "being rebuilt" while it settles: the cache
-    service waits for a settled topology too)."""
-    t0 = time.monotonic()
-    last: CacheUnavailable | None = None
-    while True:
-        try:
-            result = await rebuild_from_postgres(db, cache)
-        except CacheUnavailable as exc:
-            result, last = None, exc
-        else:
-            last = None
-        if result is not None:
-            return result
-        assert time.monotonic() - t0 < 120, f"no rebuild within 120 s (lock held, or {last})"
-        await asyncio.sleep(0.5)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from pom_ha.cache import (
     OperationalCache,
     StatisticsFrozen,
     load_jobs,
-    rebuild_from_postgres,
     refresh_job,
 )
 from pom_ha.campaign import admin
@@ -43,6 +42,7 @@ from pom_ha.infra.ignite import IgniteLauncher
 from pom_ha.infra.process import ProcessRecord, stop_process
 from pom_ha.infra.stack import Stack
 from pom_ha.lab.daemons import start_daemon
+from tests.integration.cache_helpers import rebuild_when_lock_free
 
 pytestmark = pytest.mark.integration
 DEADLINE_S = 180.0  # loose: the 2-core lab machine is shared; figures are printed, not asserted
@@ -53,17 +53,6 @@ def nodes(stack: Stack) -> list[IgniteLauncher]:
     found = [n for n in stack.launchers("ignite") if isinstance(n, IgniteLauncher)]
     assert len(found) == 3, "these tests need the 3-node lab topology"
     return found
-
-
-async def rebuild_when_lock_free(db: asyncpg.Connection, cache: OperationalCache, deadline_s: float = 120.0) -> Any:
-    """Our own rebuild, once no other cache service holds the rebuild lock: a service of an earlier test of
-    the session (the lab platform's) may have been stopped mid-rebuild, and its lock is taken over only after
-    its TTL (60 s)."""
-    t0 = time.monotonic()
-    while (result := await rebuild_from_postgres(db, cache)) is None:
-        assert time.monotonic() - t0 < deadline_s, f"the rebuild lock stayed held for {deadline_s:.0f} s"
-        await asyncio.sleep(0.5)
-    return result
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, deadline_s: float = DEADLINE_S) -> float:
