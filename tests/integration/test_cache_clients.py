@@ -215,7 +215,11 @@ class AM:
 
 @pytest.fixture(scope="module")
 async def am(stack: Stack, topology_file: Path, db: asyncpg.Connection, cache: OperationalCache) -> AsyncIterator[AM]:
-    await db.execute("DELETE FROM agents WHERE zone = $1 AND agent_id = $2", ZONE, AGENT)
+    # agents an earlier module left logged in would make the new master wait AppServerWaitTimeOut (30 s) for
+    # their desktops, and their unapplied offers would be re-offered: this module starts from an empty zone
+    await db.execute("DELETE FROM agents WHERE zone = $1", ZONE)
+    await db.execute("UPDATE agent_call_command SET applied_at = now(), result = 'test reset'"
+                     " WHERE zone = $1 AND applied_at IS NULL", ZONE)
     rec = start_daemon(stack.topo, topology_file, "pom1", "agent-manager", "--zone", ZONE, "--http-port",
                        str(AM_HTTP_PORT), "--desktop-heartbeat-ms", "250", "--cache", "on")
     desk: Desk | None = None
@@ -235,6 +239,8 @@ async def am(stack: Stack, topology_file: Path, db: asyncpg.Connection, cache: O
         if desk is not None:
             await desk.close()
         await asyncio.to_thread(stop_process, rec, stack.topo.lab_dir() / "run")
+        # leave no logged-in agent behind for a later module's master of the zone to wait for
+        await db.execute("DELETE FROM agents WHERE zone = $1 AND agent_id = $2", ZONE, AGENT)
 
 
 _calls = iter(range(1, 1000))
