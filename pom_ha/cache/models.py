@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 # cache names: the ``pom-*`` template of config/templates/ignite.xml makes each REPLICATED and FULL_SYNC
 JOBS = "pom-jobs"
@@ -26,6 +26,19 @@ REBUILD_LOCK_KEY = "rebuild-lock"
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+class _JsonValue:
+    """A cache value as compact JSON: its dataclass fields, encoded whole (subclasses are slotted dataclasses)."""
+
+    __slots__ = ()
+
+    def encode(self) -> str:
+        return _dumps(asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def decode(cls, raw: str) -> Self:
+        return cls(**json.loads(raw))
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +61,7 @@ class JobCounters:
 
 
 @dataclass(frozen=True, slots=True)
-class JobEntry:
+class JobEntry(_JsonValue):
     """A job in the cache: its state (display name of ``pom_ha.domain.jobs.JobState``) and statistics.
 
     ``counters`` is None while statistics are not loaded: a paused job after a rebuild (they come back
@@ -64,9 +77,6 @@ class JobEntry:
     updated_at: float = 0.0  # unix seconds of the write
     source: str = "live"  # "live" (a daemon wrote it) or "rebuild" (loaded from PostgreSQL)
 
-    def encode(self) -> str:
-        return _dumps(asdict(self))
-
     @classmethod
     def decode(cls, raw: str) -> JobEntry:
         d = json.loads(raw)
@@ -75,23 +85,16 @@ class JobEntry:
 
 
 @dataclass(frozen=True, slots=True)
-class AgentEntry:
+class AgentEntry(_JsonValue):
     agent_id: str
     state: str  # e.g. Ready, Busy, Wrapup, Not Ready (guide Table 9 names)
     zone: str = "default"
     job_id: int | None = None
     updated_at: float = 0.0
 
-    def encode(self) -> str:
-        return _dumps(asdict(self))
-
-    @classmethod
-    def decode(cls, raw: str) -> AgentEntry:
-        return cls(**json.loads(raw))
-
 
 @dataclass(frozen=True, slots=True)
-class Callback:
+class Callback(_JsonValue):
     """A callback an agent set for a contact of a job, due at ``due_at`` (ISO 8601 with offset)."""
 
     callback_id: str
@@ -101,16 +104,9 @@ class Callback:
     due_at: str
     note: str = ""
 
-    def encode(self) -> str:
-        return _dumps(asdict(self))
-
-    @classmethod
-    def decode(cls, raw: str) -> Callback:
-        return cls(**json.loads(raw))
-
 
 @dataclass(frozen=True, slots=True)
-class ContactAdd:
+class ContactAdd(_JsonValue):
     """A contact added by web service to a list (and so to that list's running jobs)."""
 
     list_id: int
@@ -122,10 +118,3 @@ class ContactAdd:
     @property
     def key(self) -> str:
         return f"{self.list_id}:{self.contact_id}"
-
-    def encode(self) -> str:
-        return _dumps(asdict(self))
-
-    @classmethod
-    def decode(cls, raw: str) -> ContactAdd:
-        return cls(**json.loads(raw))
