@@ -25,7 +25,8 @@ def isolated_topology(topo: Topology, block: int = 10, lab_dir: str | None = Non
         update={
             "servers": servers,
             "postgres": topo.postgres.model_copy(update={"address": f"127.0.{block + 1}.1"}),
-            "lab": topo.lab.model_copy(update={"dir": lab_dir}),
+            # uids move with the block, so owner-based partitions of two sessions never cut each other
+            "lab": topo.lab.model_copy(update={"dir": lab_dir, "uid_base": topo.lab.uid_base + 100 * block}),
             "source": f"{topo.source} (isolated copy in {lab_dir})",
         }
     )

@@ -12,6 +12,7 @@ why a two-way cut adds the reverse rule.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,8 @@ from types import TracebackType
 
 from pom_ha.infra.process import InfraError, ProcessRecord, signal_process
 
-CHAIN = "POMHA-LAB"
+#: one chain per test session when several run on one machine (``POM_FIREWALL_CHAIN``)
+CHAIN = os.environ.get("POM_FIREWALL_CHAIN", "POMHA-LAB")
 
 
 def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
