@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 
 from pom_ha.campaign.cli import COMMANDS as CAMPAIGN_COMMANDS
-from pom_ha.cli_support import run_or_exit, topology_option, topology_or_exit
+from pom_ha.cli_support import (
+    print_component_table,
+    print_server_status,
+    run_or_exit,
+    table,
+    topology_option,
+    topology_or_exit,
+)
 from pom_ha.infra.process import InfraError
 from pom_ha.kafka.cli import kafka_group
 from pom_ha.lab.cli import lab as lab_group
@@ -21,13 +28,6 @@ T = TypeVar("T")
 
 _run = run_or_exit
 _topology = topology_or_exit
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 @click.group()
@@ -50,7 +50,7 @@ def infra_up(topology_path: str | None) -> None:
     stack = Stack(_topology(topology_path))
     seconds = _run(stack.up(progress=lambda m: click.echo(f"  {m}")))
     click.echo(f"infrastructure up in {seconds:.1f} s (lab folder {stack.topo.lab_dir()})")
-    _print_status(stack)
+    print_server_status(stack)
 
 
 @infra.command("down")
@@ -69,7 +69,7 @@ def infra_status(topology_path: str | None) -> None:
     """One row per server process: POM server, kind, address:port, pid, state."""
     from pom_ha.infra.stack import Stack
 
-    _print_status(Stack(_topology(topology_path)))
+    print_server_status(Stack(_topology(topology_path)))
 
 
 @infra.command("serve")
@@ -86,16 +86,6 @@ def infra_serve(server: str, without: tuple[str, ...], ready_timeout_s: float, t
     restarted = _run(serve(_topology(topology_path), server, without=without, ready_timeout_s=ready_timeout_s,
                            echo=click.echo))
     click.echo(f"{server}: stopped" + (f" (restarted while serving: {', '.join(restarted)})" if restarted else ""))
-
-
-def _print_status(stack: Any) -> None:
-    rows = _run(stack.status())
-    click.echo(
-        _table(
-            ["SERVER", "KIND", "ADDRESS", "PID", "STATE"],
-            [[r.pom_server, r.kind, r.endpoint, str(r.pid or "-"), r.state] for r in rows],
-        )
-    )
 
 
 # ---- db ----------------------------------------------------------------------------------------------
@@ -139,28 +129,7 @@ def db_migrate(topology_path: str | None) -> None:
 def status(stale_after_s: float, as_json: bool, topology_path: str | None) -> None:
     """The component table: one row per component, one column per server (MASTER (zones) / DORMANT /
     RUNNING / STOPPED), read from the ha_member status rows."""
-    import asyncpg
-
-    from pom_ha.status import read_table
-
-    topo = _topology(topology_path)
-
-    async def go() -> Any:
-        try:
-            return await read_table(topo.postgres.dsn(), [s.name for s in topo.servers])
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise InfraError(
-                f"cannot read the status rows from PostgreSQL at {topo.postgres.address}:{topo.postgres.port}: "
-                f"{exc.__class__.__name__}"
-            ) from None
-
-    table = _run(go())
-    if as_json:
-        click.echo(json.dumps(table.as_json(stale_after_s)))
-    elif not table.rows:
-        click.echo("no component has registered yet (no ha_member rows)")
-    else:
-        click.echo(_table(table.header(), table.lines(stale_after_s)))
+    print_component_table(_topology(topology_path), stale_after_s, as_json)
 
 
 # ---- run ---------------------------------------------------------------------------------------------
@@ -192,7 +161,7 @@ def bench_infra_up(as_json: bool, topology_path: str | None) -> None:
     from pom_ha.bench.infra_up import run_bench
 
     result = _run(run_bench(_topology(topology_path), echo=click.echo))
-    click.echo(json.dumps(result) if as_json else _table(
+    click.echo(json.dumps(result) if as_json else table(
         ["KIND", "PEAK RSS MB"], [[k, f"{v:.0f}"] for k, v in result["rss_mb"].items()]
     ) + f"\nready in {result['seconds']:.1f} s, total peak RSS {result['total_rss_mb']:.0f} MB")
 

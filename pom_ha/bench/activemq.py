@@ -23,7 +23,8 @@ from typing import Any
 from pom_ha.bench.failover import latency_summary, percentile
 from pom_ha.bench.isolated import isolated_topology
 from pom_ha.config import Topology
-from pom_ha.infra.activemq import KEEPALIVE_MS, LEASE_MS, MASTER, SLAVE, ActiveMQLauncher, stomp_addresses
+from pom_ha.config.addresses import stomp_addresses
+from pom_ha.infra.activemq import KEEPALIVE_MS, LEASE_MS, MASTER, SLAVE, ActiveMQLauncher
 from pom_ha.infra.process import InfraError
 from pom_ha.infra.stack import Stack
 from pom_ha.messaging.stomp import StompClient, StompError, StompUnavailable

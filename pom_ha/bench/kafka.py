@@ -44,6 +44,7 @@ from confluent_kafka.admin import AdminClient
 
 from pom_ha.bench.isolated import isolated_topology
 from pom_ha.config import Topology
+from pom_ha.config.addresses import bootstrap_servers
 from pom_ha.events.config import ProducerSettings, load_producer_settings, map_producer_config
 from pom_ha.events.kafka_log import KafkaLogBridge
 from pom_ha.events.models import (
@@ -63,7 +64,7 @@ from pom_ha.events.models import (
 )
 from pom_ha.events.publisher import EventPublisher
 from pom_ha.events.topics import ensure_topics
-from pom_ha.infra.kafka import KafkaLauncher, bootstrap_servers
+from pom_ha.infra.kafka import KafkaLauncher
 from pom_ha.infra.process import InfraError
 from pom_ha.infra.stack import Stack
 from pom_ha.kafka.tls import security_config

@@ -55,8 +55,9 @@ from pom_ha.cache.models import (
     JobEntry,
 )
 from pom_ha.config import Topology
+from pom_ha.config.addresses import CLIENT_ERRORS, thin_client_addresses
 from pom_ha.ha.retry import Backoff
-from pom_ha.infra.ignite import CLIENT_ERRORS, thin_client_addresses, thin_handshake
+from pom_ha.infra.ignite import thin_handshake
 
 T = TypeVar("T")
 log = structlog.get_logger("pom_ha.cache.client")

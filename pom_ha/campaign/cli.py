@@ -236,8 +236,8 @@ def job_set(job_id: int, pacing_rate: float | None, action: str | None, timeout_
     """Change a running job now, over ActiveMQ: the Campaign Manager that runs it applies the change and
     answers (exit 0: applied; 2: refused or not answered, with the reason; nothing was applied then)."""
     from pom_ha.config import load_topology
+    from pom_ha.config.addresses import stomp_addresses
     from pom_ha.ha.logsetup import configure_logging
-    from pom_ha.infra.activemq import stomp_addresses
     from pom_ha.messaging.runtime import RuntimeChange, RuntimeChangeError, new_request_id, send_runtime_change
 
     if (pacing_rate is None) == (action is None):

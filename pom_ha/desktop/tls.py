@@ -1,7 +1,7 @@
 """TLS on the desktop port (docs/desktop-protocol.md §Transport): the Agent Manager's server context from a PEM
 certificate (chain) and key, the desktop's client context from the CA that issued it, and the lab's certificates.
 
-The lab's certificates come from the lab CA of ``pom_ha.kafka.tls`` (``ensure_pki``: one CA per lab, a
+The lab's certificates come from the lab CA of ``pom_ha.pki`` (``ensure_pki``: one CA per lab, a
 certificate per server with its IP address as SAN); :func:`lab_desktop_pem` writes a server's certificate and key
 from its keystore as PEM files an AM running under the server's uid can read. Every error names the file at fault.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from pom_ha.kafka.tls import Pki, ensure_pki
+from pom_ha.pki import Pki, ensure_pki
 
 
 class DesktopTlsError(Exception):

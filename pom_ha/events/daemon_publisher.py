@@ -22,7 +22,7 @@ async def open_event_publisher(topology: Topology, pool: Any, *, service: str, s
     """The daemon's one EventPublisher, once a Kafka broker of the topology answers (probed every 5 s; this
     waits as long as it takes, so run it as a task). Settings from ``pim_kafka_producer_config`` (the
     guide's defaults if the table cannot be read). None if the topology has no broker or it cannot start."""
-    from pom_ha.infra.kafka import bootstrap_servers
+    from pom_ha.config.addresses import bootstrap_servers
     from pom_ha.kafka.tls import security_config
 
     brokers = [(s.address, topology.ports.kafka) for s in topology.servers_running("kafka")]

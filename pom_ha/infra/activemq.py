@@ -16,7 +16,7 @@ from xml.sax.saxutils import escape
 
 import asyncpg
 
-from pom_ha.config import Topology
+from pom_ha.config.addresses import stomp_addresses as stomp_addresses  # its home; here for old callers
 from pom_ha.infra.base import Launcher, java_bin, jvm_classpath, render_template, tcp_exchange
 from pom_ha.infra.process import InfraError, ProcessRecord
 
@@ -54,11 +54,6 @@ _BECAME_MASTER = b"becoming master with lease expiry"
 MASTER = "master"
 SLAVE = "slave (waiting for lock)"
 NOT_READY = "not ready"
-
-
-def stomp_addresses(topo: Topology) -> list[tuple[str, int]]:
-    """Every broker's STOMP endpoint in topology order (clients hold them all and fail over)."""
-    return [(s.address, topo.ports.activemq_stomp) for s in topo.servers_running("activemq")]
 
 
 def broker_name(server_name: str) -> str:

@@ -17,9 +17,10 @@ from typing import ClassVar
 
 from pyignite import AioClient
 from pyignite.datatypes import ClusterState
-from pyignite.exceptions import ClusterError, HandshakeError, NotSupportedByClusterError, ReconnectError
 
 from pom_ha.config import Topology
+from pom_ha.config.addresses import CLIENT_ERRORS
+from pom_ha.config.addresses import thin_client_addresses as thin_client_addresses  # its home; here for old callers
 from pom_ha.infra.base import JAVA17_OPENS, Launcher, java_bin, jvm_classpath, render_template
 
 MAIN_CLASS = "org.apache.ignite.startup.cmdline.CommandLineStartup"
@@ -34,25 +35,9 @@ JAVA17_EXPORTS = [
     "--add-exports=java.base/sun.reflect.generics.reflectiveObjects=ALL-UNNAMED",
 ]
 
-# Errors a thin-client call raises when the node is down, starting, or not (yet) in an active cluster.
-CLIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    EOFError,
-    TimeoutError,
-    HandshakeError,
-    ReconnectError,
-    ClusterError,
-    NotSupportedByClusterError,
-)
-
 _TOPOLOGY_LINE = re.compile(rb"Topology snapshot \[ver=(\d+),.*?servers=(\d+)")
 # printed once at each JVM start, before any topology snapshot of that run
 _JVM_BANNER = b"VM information:"
-
-
-def thin_client_addresses(topo: Topology) -> list[tuple[str, int]]:
-    """Every Ignite node's thin-client endpoint, in topology order (what a client should hold)."""
-    return [(s.address, topo.ports.ignite_thin_client) for s in topo.servers_running("ignite")]
 
 
 # Thin-client handshake at protocol 1.0.0 (no feature negotiation): length, op 1, version, client type 2.

@@ -4,7 +4,7 @@
 settings follow DESIGN §4: replication factor 3 (fewer when the lab has fewer brokers),
 ``min.insync.replicas=2``, no unclean leader election; producers use acks=all and idempotence.
 With ``[kafka] ssl = true`` the one listener is SSL with client authentication required; the key and trust
-stores come from ``pom_ha.kafka.tls`` and readiness is probed over mutual TLS.
+stores come from ``pom_ha.pki`` and readiness is probed over mutual TLS.
 """
 
 from __future__ import annotations
@@ -18,21 +18,18 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from pom_ha.config import Topology
+from pom_ha.config.addresses import bootstrap_servers as bootstrap_servers  # its home; here for old callers
 from pom_ha.infra.base import Launcher, java_bin, jvm_classpath, render_template
 from pom_ha.infra.process import ProcessRecord
 from pom_ha.infra.zookeeper import jvm_server_opts, wait_exec_settled, zookeeper_connect
-from pom_ha.kafka.tls import broker_ssl_properties, ensure_pki, lab_pki, security_config
+from pom_ha.kafka.tls import broker_ssl_properties, security_config
+from pom_ha.pki import ensure_pki, lab_pki
 
 if TYPE_CHECKING:
     from confluent_kafka.admin._metadata import ClusterMetadata
 
 #: how long one readiness probe waits for a metadata answer
 PROBE_TIMEOUT_S = 2.0
-
-
-def bootstrap_servers(topo: Topology) -> str:
-    """Comma list ``addr:port`` of every broker, for clients' ``bootstrap.servers``."""
-    return ",".join(f"{s.address}:{topo.ports.kafka}" for s in topo.servers_running("kafka"))
 
 
 def broker_ids(topo: Topology) -> set[int]:

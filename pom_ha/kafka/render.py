@@ -4,7 +4,7 @@ From a topology and a choice of servers it plans an HA cluster — one ZooKeeper
 broker co-resident on each chosen server, plus at most one external server — and renders every file
 with the lab's own launchers and templates: ``myid``, ``zoo.cfg`` with its ``server.N`` lines,
 ``server.properties`` with ``broker.id``, listeners, replication factor 3 for default and internal
-topics and ``min.insync.replicas=2``; with ``ssl`` also the CA and PKCS12 stores (``pom_ha.kafka.tls``).
+topics and ``min.insync.replicas=2``; with ``ssl`` also the CA and PKCS12 stores (``pom_ha.pki``).
 The plan is validated completely before anything is written, so refused input writes nothing.
 """
 
@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from pom_ha.config import KafkaSection, ServerKind, ServerSection, Topology, dump_topology
 from pom_ha.infra.kafka import KafkaLauncher
 from pom_ha.infra.zookeeper import ZooKeeperLauncher
-from pom_ha.kafka.tls import ensure_pki, lab_pki
+from pom_ha.pki import ensure_pki, lab_pki
 
 #: the guide's recommendation: fewer brokers cannot hold three replicas
 MIN_BROKERS = 3

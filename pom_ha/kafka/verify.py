@@ -32,7 +32,8 @@ from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from pom_ha.config import Topology
-from pom_ha.infra.kafka import KafkaLauncher, bootstrap_servers, broker_ids
+from pom_ha.config.addresses import bootstrap_servers
+from pom_ha.infra.kafka import KafkaLauncher, broker_ids
 from pom_ha.infra.zookeeper import KAFKA_CHROOT, zookeeper_connect
 from pom_ha.kafka.tls import KafkaTlsError, security_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pom_ha.cli_support import topology_option, topology_or_exit
+from pom_ha.cli_support import print_component_table, print_server_status, table, topology_option, topology_or_exit
 from pom_ha.config import ConfigError, Topology, dump_topology
 from pom_ha.infra.process import InfraError
 
@@ -58,10 +58,8 @@ def lab_up(demo: bool, contacts: int, calls_per_second: float, topology_path: st
                                          echo=click.echo))
             jobs = await create_agent_demo(topo, echo=click.echo)
             start_desktops(topo, _topology_file(topo, topology_path), jobs, echo=click.echo)
-        table = await read_table(topo.postgres.dsn(), [s.name for s in topo.servers])
-        from pom_ha.cli import _table
-
-        click.echo(_table(table.header(), table.lines(stale_after_s=5.0)))
+        components = await read_table(topo.postgres.dsn(), [s.name for s in topo.servers])
+        click.echo(table(components.header(), components.lines(stale_after_s=5.0)))
 
     try:
         asyncio.run(go())
@@ -76,22 +74,18 @@ def lab_up(demo: bool, contacts: int, calls_per_second: float, topology_path: st
 @topology_option
 def lab_status(topology_path: str | None) -> None:
     """Server processes, the component table, and the jobs."""
-    from pom_ha.cli import _print_status, status
     from pom_ha.infra.stack import Stack
 
     topo = _topology(topology_path)
-    _print_status(Stack(topo))
+    print_server_status(Stack(topo))
     click.echo("")
-    ctx = click.get_current_context()
-    ctx.invoke(status, stale_after_s=5.0, as_json=False, topology_path=topology_path)
+    print_component_table(topo, 5.0, False)
     click.echo("")
     asyncio.run(_print_jobs(topo))
 
 
 async def _print_jobs(topo: Topology) -> None:
     import asyncpg
-
-    from pom_ha.cli import _table
 
     try:
         conn = await asyncpg.connect(topo.postgres.dsn(), timeout=5)
@@ -113,7 +107,7 @@ async def _print_jobs(topo: Topology) -> None:
     if not rows:
         click.echo("no jobs")
         return
-    click.echo(_table(
+    click.echo(table(
         ["JOB", "CAMPAIGN", "STATE", "CM", "ATTEMPTS", "CONTACTS DONE"],
         [[str(r["id"]), r["name"], r["state"], r["owner_server"] or "-", str(r["attempts"]),
           f"{r['done']}/{r['contacts']}"] for r in rows],

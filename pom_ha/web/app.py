@@ -23,7 +23,7 @@ from aiohttp import web
 
 from pom_ha.campaign.admin import AdminError, runtime_target
 from pom_ha.config import Topology
-from pom_ha.infra.activemq import stomp_addresses
+from pom_ha.config.addresses import stomp_addresses
 from pom_ha.messaging.runtime import ACTIONS, RuntimeChange, RuntimeChangeError, new_request_id, send_runtime_change
 from pom_ha.status import read_table
 from pom_ha.zones.cli import DEFAULT_GRACE_S, ZoneConfigError, allocate, apply_warning, read_allocation

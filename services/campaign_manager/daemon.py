@@ -119,7 +119,7 @@ class CampaignManagerDaemon(HADaemon):
     async def _start_messaging(self) -> None:
         """ActiveMQ (runtime changes in, results out) and the Event SDK publisher: both optional, neither
         ever in the dial path; a CM whose brokers are all down dials as usual."""
-        from pom_ha.infra.activemq import stomp_addresses
+        from pom_ha.config.addresses import stomp_addresses
 
         brokers = stomp_addresses(self.topology) if self.options.activemq else []
         if brokers:

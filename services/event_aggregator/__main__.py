@@ -8,10 +8,10 @@ import asyncio
 import sys
 
 from pom_ha.config import ConfigError
+from pom_ha.config.addresses import bootstrap_servers
 from pom_ha.ha.daemon import DaemonConfig
 from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
 from pom_ha.ha.roles import SingletonRole
-from pom_ha.infra.kafka import bootstrap_servers
 from pom_ha.kafka.tls import KafkaTlsError, security_config
 from services.event_aggregator.daemon import SERVICE, AggregatorSettings, EventAggregatorDaemon, orgs_of
 

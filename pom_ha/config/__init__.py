@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOPOLOGY = REPO_ROOT / "config" / "lab.toml"
 
 ServerKind = Literal["zookeeper", "kafka", "ignite", "activemq"]
