@@ -13,28 +13,5 @@ rolled back without writing anything::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
-
-from pom_ha.ha.fencing import Fence
-
-
-class FenceLost(Exception):
-    """The fence did not hold when the transaction began: nothing was written."""
-
-    def __init__(self, fence: Fence) -> None:
-        super().__init__(f"fence {fence} no longer holds; the transaction was rolled back")
-        self.fence = fence
-
-
-@asynccontextmanager
-async def fenced_transaction(conn: Any, fence: Fence, *, timeout_s: float | None = None) -> AsyncIterator[Any]:
-    """Run the block in a transaction that is committed only if ``fence`` held at its start (it then holds
-    until the commit: the fence row stays locked). Raises :class:`FenceLost` otherwise."""
-    sql, args = fence.select(1)
-    async with conn.transaction():
-        held = await conn.fetchval(sql, *args, timeout=timeout_s)
-        if held is None:
-            raise FenceLost(fence)
-        yield conn
+from pom_ha.ha.fencing import FenceLost as FenceLost  # their home is pom_ha.ha.fencing
+from pom_ha.ha.fencing import fenced_transaction as fenced_transaction

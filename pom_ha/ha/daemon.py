@@ -38,6 +38,7 @@ from pom_ha.ha.heartbeat import HeartbeatNode
 from pom_ha.ha.logsetup import redact_dsn
 from pom_ha.ha.metrics import HAMetrics
 from pom_ha.ha.pg_store import PgStatusStore
+from pom_ha.ha.ports import DaemonPorts, Sinks, TermPorts
 from pom_ha.ha.roles import ConnectionState, PoolMember, RoleKind, ZoneRole
 from pom_ha.ha.settings import HATimings
 from pom_ha.ha.status_http import StatusHTTP
@@ -86,6 +87,10 @@ class HADaemon:
         self._members_dirty = asyncio.Event()
         self._db: Any = None
         self._log = log.bind(server=config.server, instance=config.instance_id)
+        #: the event publisher and cache of this daemon's master work (a service fills what it has)
+        self.sinks = Sinks()
+        self.ports = DaemonPorts(config.server, config.instance_id, config.timings, self._log, self.app_db,
+                                 self.fenced_execute, self.sinks)
 
     # ---- hooks for subclasses ------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -137,6 +142,10 @@ class HADaemon:
             raise
         self.metrics.fenced_writes.labels(*labels, "ok" if result.fence_held else "rejected").inc()
         return result
+
+    def term_ports(self, term: MasterTerm) -> TermPorts:
+        """The ports of ``term`` for the workers of its master work (they never get the daemon)."""
+        return TermPorts(term, self.ports)
 
     def request_stop(self, reason: str = "requested", *, exit_code: int = 0) -> None:
         if exit_code:

@@ -216,6 +216,17 @@ class Elector:
         """Run the next cycle now (a lease NOTIFY or a peer change arrived)."""
         self._wake_flag().set()
 
+    def claim_now(self) -> None:
+        """Claim the lease at the next cycle if it is free, without the spread's wait (e.g. a zone whose home
+        is this server was handed back), and run that cycle now."""
+        self._free_since = float("-inf")  # the spread measures "free for how long" from here
+        self.wake()
+
+    def use_spread(self, spread: ClaimSpread) -> None:
+        """Decide claims of a free lease with ``spread`` from now on (a service's own claim policy, installed
+        before the first cycle)."""
+        self._spread = spread
+
     # ---- the cycle ---------------------------------------------------------------------------------------
     async def run_cycle(self) -> str:
         """One HA cycle; returns the decision."""

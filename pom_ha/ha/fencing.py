@@ -17,6 +17,10 @@ Database writes
     in-flight fenced write to commit, and a write that starts after the take-over sees the new epoch and
     is refused. Your parameters keep their numbers ($1..$n); the fence's come after them.
 
+Transactions
+    :func:`fenced_transaction` fences several statements that commit together: its first statement takes the
+    fence row ``FOR SHARE``; a fence that does not hold raises :class:`FenceLost` and nothing is written.
+
 Messages
     :class:`EpochEnvelope` carries (service, scope, epoch) with a payload; the receiver keeps an
     :class:`EpochGate` that remembers the highest epoch seen per (service, scope) and drops (and counts)
@@ -26,7 +30,8 @@ Messages
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -117,6 +122,27 @@ async def fenced_execute(
 ) -> FencedWrite:
     """:func:`execute_fenced` under the lease ``(service, scope)`` at ``epoch``."""
     return await execute_fenced(conn, LeaseFence(service, scope, epoch), sql, *args, timeout_s=timeout_s)
+
+
+# ---- fenced transactions ----------------------------------------------------------------------------------
+class FenceLost(Exception):
+    """The fence did not hold when the transaction began: nothing was written."""
+
+    def __init__(self, fence: Fence) -> None:
+        super().__init__(f"fence {fence} no longer holds; the transaction was rolled back")
+        self.fence = fence
+
+
+@asynccontextmanager
+async def fenced_transaction(conn: Any, fence: Fence, *, timeout_s: float | None = None) -> AsyncIterator[Any]:
+    """Run the block in a transaction that is committed only if ``fence`` held at its start (it then holds
+    until the commit: the fence row stays locked). Raises :class:`FenceLost` otherwise."""
+    sql, args = fence.select(1)
+    async with conn.transaction():
+        held = await conn.fetchval(sql, *args, timeout=timeout_s)
+        if held is None:
+            raise FenceLost(fence)
+        yield conn
 
 
 # ---- messages ---------------------------------------------------------------------------------------------

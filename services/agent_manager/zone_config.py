@@ -87,7 +87,7 @@ class ZoneConfigWatcher:
         spread = AllocationSpread(step_s, self.me, lambda: self.reservations)
         for elector in electors:
             spread.join(elector)
-            elector._spread = spread  # the HA core's claim hook (see the module doc)
+            elector.use_spread(spread)  # the HA core's claim hook (see the module doc)
 
     def reserve(self, zone: str, server: str, seconds: float) -> None:
         self.reservations[zone] = Reservation(server, time.monotonic() + seconds, True)

@@ -34,6 +34,7 @@ from pom_ha.events import EventPublisher
 from pom_ha.ha.daemon import DaemonConfig, HADaemon
 from pom_ha.ha.election import Elector
 from pom_ha.ha.roles import RoleState, ZoneRole
+from pom_ha.ha.store import StatusStoreError
 from pom_ha.ha.term import MasterTerm
 from services.campaign_director.context import DB_ERRORS, TermContext
 from services.campaign_director.exporter import ExportDuties
@@ -60,8 +61,29 @@ class CampaignDirectorDaemon(HADaemon):
         self.settings = settings or CDSettings()
         self.zone_homes: dict[str, str] = {}
         self.topology = topology  # for the Event SDK brokers; None: no events
-        self.events: EventPublisher | None = None
-        self.events_failed = 0
+
+    # the term's sinks (pom_ha.ha.ports): the duties read them from their context, the daemon fills them
+    @property
+    def cache(self) -> OperationalCache | None:
+        cache: OperationalCache | None = self.sinks.cache
+        return cache
+
+    @cache.setter
+    def cache(self, value: OperationalCache | None) -> None:
+        self.sinks.cache = value
+
+    @property
+    def events(self) -> EventPublisher | None:
+        events: EventPublisher | None = self.sinks.events
+        return events
+
+    @events.setter
+    def events(self, value: EventPublisher | None) -> None:
+        self.sinks.events = value
+
+    @property
+    def events_failed(self) -> int:
+        return self.sinks.events_failed
 
     @property
     def log(self) -> Any:
@@ -96,11 +118,13 @@ class CampaignDirectorDaemon(HADaemon):
         await super().teardown()
 
     async def run_master(self, elector: Elector, term: MasterTerm) -> None:
-        ctx = TermContext(self, term)
+        ctx = TermContext(term, self.ports, self.settings)
         if term.service == SERVICE:
             await run_common_director(ctx)
         else:
-            await run_zone_director(self, elector, ctx)
+            zone = term.scope
+            await run_zone_director(ctx, self.zone_homes, lambda home: self.spawn(
+                self.hand_back(elector, zone, home), name=f"zone-handback-{zone}"))
 
     def member_load(self, service: str) -> int:
         if service == ZONE_SERVICE:
@@ -116,6 +140,28 @@ class CampaignDirectorDaemon(HADaemon):
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
+    async def hand_back(self, elector: Elector, zone: str, home: str) -> None:
+        """Release the zone and keep this elector out until ``home`` holds it (or the hand-back times out)."""
+        settings = self.settings
+        await self.pause_elector(elector)
+        await elector.stop(f"handing zone {zone} back to its home {home}")
+        deadline = time.monotonic() + settings.zone_handback_timeout_ms / 1000
+        outcome = "timed out, competing for the zone again"
+        while time.monotonic() < deadline:
+            try:
+                lease = await self.store.read(ZONE_SERVICE, zone, timeout_s=self.timings.store_timeout_s)
+            except StatusStoreError:
+                lease = None
+            if lease is not None and not lease.expired and lease.holder_server == home:
+                outcome = f"{home} holds it (epoch {lease.epoch})"
+                break
+            await asyncio.sleep(settings.zone_check_interval_ms / 1000)
+        self.log.info("zone hand-back finished", zone=zone, home=home, outcome=outcome)
+        if self.state != "running":
+            return
+        elector.state = RoleState.DORMANT  # rejoin as a dormant for the zone (e.g. if its home fails again)
+        self.spawn(elector.run(), name=f"elector-{elector.role.label}")
+
     # ---- home zones are claimed without the spread delay ------------------------------------------------
     def _claim_home_zone_now(self, service: str, scope: str) -> None:
         """Lease watcher: a zone whose home is this server became free (e.g. handed back): claim it at once
@@ -125,9 +171,7 @@ class CampaignDirectorDaemon(HADaemon):
         for e in self.electors:
             if (isinstance(e.role, ZoneRole) and (scope in ("*", e.scope)) and e.state is RoleState.DORMANT
                     and self.zone_homes.get(e.scope) == self.config.server):
-                # the spread measures "free for how long" from _free_since: long enough, claim now
-                e._free_since = float("-inf")  # no public hook in pom_ha.ha yet
-                e.wake()
+                e.claim_now()
 
     async def _refresh_zone_homes(self) -> None:
         while True:

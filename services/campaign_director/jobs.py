@@ -115,7 +115,7 @@ class JobDuties:
         """A Queued job starts only once the cache holds it (the guide: with the cache service down "a new job
         cannot start"). Refused: the job stays Queued and one ``job_start_refused`` alarm per job carries the
         cache's message; it is tried again next round and the alarm cleared when it starts."""
-        cache = self.ctx.daemon.cache
+        cache = self.ctx.sinks.cache
         if cache is None:
             return True
         job_id = int(job["id"])
@@ -173,7 +173,7 @@ class JobDuties:
                           state: str, reason: str) -> None:
         """A JOB event with this term's epoch, after the state change committed; never waits for Kafka (a
         full queue or a failed delivery is counted in the publisher / ``events_failed``)."""
-        publisher = self.ctx.daemon.events
+        publisher = self.ctx.sinks.events
         if publisher is None:
             return
         try:
@@ -181,7 +181,7 @@ class JobDuties:
                                   state=state, previous_state=previous, reason=reason)
             await publisher.publish(event, epoch=self.ctx.epoch, wait_for_room=False)
         except (EventPublishError, ValueError) as exc:
-            self.ctx.daemon.events_failed += 1
+            self.ctx.sinks.events_failed += 1
             self.ctx.log.warning("JOB event not published", job_id=job_id, error=str(exc))
 
     # ---- finish criteria ----------------------------------------------------------------------------------

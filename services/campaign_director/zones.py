@@ -21,18 +21,11 @@ rounds (each loser stays out while it waits).
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
-from pom_ha.ha.election import Elector
-from pom_ha.ha.roles import RoleState
-from pom_ha.ha.store import StatusStoreError
 from services.campaign_director.context import DB_ERRORS, TermContext
 from services.campaign_director.schedules import ScheduleDuties
-
-if TYPE_CHECKING:
-    from services.campaign_director.daemon import CampaignDirectorDaemon
 
 ZONE_SERVICE = "zone_director"
 
@@ -50,7 +43,9 @@ SELECT instance_id FROM ha_member
 """
 
 
-async def run_zone_director(daemon: CampaignDirectorDaemon, elector: Elector, ctx: TermContext) -> None:
+async def run_zone_director(ctx: TermContext, zone_homes: dict[str, str], hand_back: Callable[[str], object]) -> None:
+    """One zone's director for one term; ``zone_homes`` learns the zone's home, ``hand_back(home)`` releases the
+    zone to its home (outside the term: releasing ends it)."""
     zone = ctx.term.scope
     while True:
         try:
@@ -62,7 +57,7 @@ async def run_zone_director(daemon: CampaignDirectorDaemon, elector: Elector, ct
             await asyncio.sleep(ctx.settings.zone_check_interval_ms / 1000)
     home = rows[0]["home_server"] if rows else ctx.server
     failed_instance = rows[0]["home_instance"] if rows else None
-    daemon.zone_homes[zone] = home
+    zone_homes[zone] = home
     ctx.started_db = await ctx.db_now()
     # the zone's data imports: resumed from their checkpoint by whichever director leads the zone now
     duties = ScheduleDuties(ctx)
@@ -72,7 +67,7 @@ async def run_zone_director(daemon: CampaignDirectorDaemon, elector: Elector, ct
         await ctx.term.ended.wait()
         return
     ctx.log.info("zone director holding a zone for its home server", zone=zone, home=home)
-    dead_after = timedelta(milliseconds=daemon.settings.cm_dead_after_ms * 2)
+    dead_after = timedelta(milliseconds=ctx.settings.cm_dead_after_ms * 2)
     while True:
         await asyncio.sleep(ctx.settings.zone_check_interval_ms / 1000)
         try:
@@ -89,30 +84,6 @@ async def run_zone_director(daemon: CampaignDirectorDaemon, elector: Elector, ct
             await ctx.term.ended.wait()
             return
         ctx.log.info(decision, zone=zone, home=home)
-        # releasing ends this term (and cancels this task), so it runs as a daemon task outside the term
-        daemon.spawn(hand_back(daemon, elector, zone, home), name=f"zone-handback-{zone}")
+        hand_back(home)  # releasing ends this term (and cancels this task): a daemon task outside the term
         await ctx.term.ended.wait()
         return
-
-
-async def hand_back(daemon: CampaignDirectorDaemon, elector: Elector, zone: str, home: str) -> None:
-    """Release the zone and keep this elector out until ``home`` holds it (or the hand-back times out)."""
-    settings = daemon.settings
-    await daemon.pause_elector(elector)
-    await elector.stop(f"handing zone {zone} back to its home {home}")
-    deadline = time.monotonic() + settings.zone_handback_timeout_ms / 1000
-    outcome = "timed out, competing for the zone again"
-    while time.monotonic() < deadline:
-        try:
-            lease = await daemon.store.read(ZONE_SERVICE, zone, timeout_s=daemon.timings.store_timeout_s)
-        except StatusStoreError:
-            lease = None
-        if lease is not None and not lease.expired and lease.holder_server == home:
-            outcome = f"{home} holds it (epoch {lease.epoch})"
-            break
-        await asyncio.sleep(settings.zone_check_interval_ms / 1000)
-    daemon.log.info("zone hand-back finished", zone=zone, home=home, outcome=outcome)
-    if daemon.state != "running":
-        return
-    elector.state = RoleState.DORMANT  # rejoin as a dormant for the zone (e.g. if its home fails again)
-    daemon.spawn(elector.run(), name=f"elector-{elector.role.label}")
