@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -26,7 +26,11 @@ class NotMaster(Exception):
 
 
 class MasterTerm:
-    def __init__(self, service: str, scope: str, epoch: int) -> None:
+    """``on_error(task, error)``: called when a task of the term crashes (besides the re-raise at ``__aexit__``),
+    for holders that supervise the term's tasks themselves (e.g. a job runner of the Campaign Manager)."""
+
+    def __init__(self, service: str, scope: str, epoch: int, *,
+                 on_error: Callable[[asyncio.Task[Any], BaseException], None] | None = None) -> None:
         self.service = service
         self.scope = scope
         self.epoch = epoch
@@ -35,6 +39,7 @@ class MasterTerm:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failed = asyncio.Event()
         self._errors: list[BaseException] = []
+        self._on_error = on_error
 
     @property
     def active(self) -> bool:
@@ -58,6 +63,8 @@ class MasterTerm:
         if error is not None:
             self._errors.append(error)
             self._failed.set()
+            if self._on_error is not None:
+                self._on_error(task, error)
 
     def end(self, reason: str) -> None:
         """End the term now: cancel every task (synchronously). Idempotent."""

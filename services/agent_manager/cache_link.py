@@ -27,7 +27,7 @@ from pom_ha.desktop.protocol import ErrorFrame, WrapUp
 from pom_ha.domain.agents import AgentSnapshot, CallState
 
 if TYPE_CHECKING:
-    from services.agent_manager.daemon import Session
+    from services.agent_manager.session import Session
 
 log = structlog.get_logger("services.agent_manager.cache_link")
 

@@ -16,7 +16,6 @@ import errno
 import itertools
 import ssl
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,6 @@ import structlog
 
 from pom_ha.desktop.protocol import (
     ErrorFrame,
-    Frame,
     Heartbeat,
     Login,
     ProtocolCounters,
@@ -39,7 +37,8 @@ from pom_ha.ha.election import Elector
 from pom_ha.ha.store import StatusStoreError
 from pom_ha.ha.term import MasterTerm
 from services.agent_manager.cache_link import AgentCacheLink
-from services.agent_manager.zone import ZoneRuntime
+from services.agent_manager.session import Session
+from services.agent_manager.zone import DesktopSettings, ZoneRuntime
 from services.agent_manager.zone_config import ZoneConfigWatcher
 
 SERVICE = "agent_manager"
@@ -50,71 +49,10 @@ LISTEN_BACKLOG = 4096
 # held this long for this AM's takeover instead of being refused into the desktop's backoff
 LOGIN_PARK_S = 1.5
 LEASE_CACHE_S = 0.1
-HEARTBEAT_BUFFER_LIMIT = 256 * 1024
-DRAIN_ABOVE = 64 * 1024
 log = structlog.get_logger("services.agent_manager")
 
 
-class Session:
-    """One desktop connection. Frames to the desktop go out one at a time (a lock per connection)."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.session_id = f"s{next(self._ids)}-{uuid.uuid4().hex[:6]}"
-        self.agent_id: str | None = None
-        self.runtime: ZoneRuntime | None = None
-        self.closed = False
-        self.beating = False  # logged in: the daemon's heartbeat ticker writes to it
-        self._lock = asyncio.Lock()
-
-    def attach(self, runtime: ZoneRuntime, agent_id: str) -> None:
-        self.runtime, self.agent_id = runtime, agent_id
-
-    def detach(self) -> None:
-        self.runtime, self.agent_id = None, None
-
-    async def send(self, frame: Frame) -> None:
-        await self.send_bytes(frame.to_bytes())
-
-    async def send_bytes(self, data: bytes) -> None:
-        """One whole frame, in call order; waits (at most 1 s) only while the peer's buffer is over
-        DRAIN_ABOVE: a takeover sends a few frames to every desktop, a wait per frame is wasted there."""
-        if self.closed:
-            return
-        try:
-            self.writer.write(data)
-            if self.writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
-                async with self._lock, asyncio.timeout(1.0):
-                    await self.writer.drain()
-        except (ConnectionError, OSError, TimeoutError):
-            self.abort()
-
-    def write_nowait(self, data: bytes) -> None:
-        """A whole frame appended to the transport without waiting (heartbeats); a peer that stopped reading
-        (its buffer over HEARTBEAT_BUFFER_LIMIT) is aborted."""
-        if self.closed:
-            return
-        if self.writer.transport.get_write_buffer_size() > HEARTBEAT_BUFFER_LIMIT:
-            self.abort()
-            return
-        self.writer.write(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.writer.close()
-
-    def abort(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.writer.transport.abort()
-
-
 class AgentManagerDaemon(HADaemon):
-    #: agent states and callbacks to the cache service (``--cache``; set by __main__); None: no cache
-    cache_link: AgentCacheLink | None = None
 
     def __init__(
         self, config: DaemonConfig, *, zones: Sequence[str], desktop_port: int,
@@ -134,10 +72,22 @@ class AgentManagerDaemon(HADaemon):
         self.sessions: set[Session] = set()
         self.refused_logins = 0
         self._server: asyncio.Server | None = None
-        self.zone_config = ZoneConfigWatcher(self)
+        self.desktop = DesktopSettings(desktop_heartbeat_ms, desktop_miss_limit, self.manager_addresses)
+        self.zone_config = ZoneConfigWatcher(self, self.runtimes)
         self._masters_changed = asyncio.Event()
         self._lease_cache: dict[str, tuple[float, Any]] = {}
         self.parked_logins = 0
+
+    @property
+    def cache_link(self) -> AgentCacheLink | None:
+        """Agent states and callbacks to the cache service (``--cache``; set by __main__); None: no cache. The
+        zones' workers reach it as their term's cache sink."""
+        link: AgentCacheLink | None = self.sinks.cache
+        return link
+
+    @cache_link.setter
+    def cache_link(self, link: AgentCacheLink | None) -> None:
+        self.sinks.cache = link
 
     # ---- HA hooks -------------------------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -161,7 +111,8 @@ class AgentManagerDaemon(HADaemon):
                        zones=self.zone_names, tls=self.desktop_ssl is not None)
 
     async def run_master(self, elector: Elector, term: MasterTerm) -> None:
-        runtime = ZoneRuntime(self, elector, term)
+        runtime = ZoneRuntime(self.term_ports(term), self.desktop, lease_acquired_at=lambda: (
+            elector.lease.acquired_at if elector.lease is not None else None))
         self.runtimes[term.scope] = runtime
         self._masters_changed.set()  # parked logins of this zone go on (one wake-up each, no polling)
         self._masters_changed = asyncio.Event()

@@ -15,20 +15,19 @@ again) and before its command loop starts, :func:`requeue_offers` goes through t
   that offered it records the attempt NUISANCE (a person answered and no agent took the call), so it
   counts against the abandon cap; a closed preview was never dialed and is recorded CANCELLED.
 
-Every write is fenced by the zone lease (``ZoneRuntime._fenced``), like every other write of the master.
+Every write is fenced by the zone lease (``ZoneState.fenced``), like every other write of the master.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 
 from pom_ha.domain.agents import OFFERABLE_JOB_STATES, CallState
-
-if TYPE_CHECKING:
-    from services.agent_manager.zone import AgentRecord, ZoneRuntime
+from pom_ha.domain.takeover import AgentRecord
+from services.agent_manager.zone_state import ZoneState
 
 AGENT_UNAVAILABLE = "AGENT_UNAVAILABLE"
 REQUEUED_EVENTS = ("offered", "preview_offered")
@@ -53,7 +52,7 @@ def _free(rec: AgentRecord | None, job_id: str | None) -> bool:
             and (job_id is None or s.job_id == job_id))
 
 
-async def requeue_offers(zone: ZoneRuntime) -> Counter[str]:
+async def requeue_offers(zone: ZoneState) -> Counter[str]:
     """Keep, re-offer or close every offer of the zone still pending after a takeover; returns the counts
     (``kept``, ``reoffered``, ``closed``). A database error ends the pass (logged): the offers left are
     applied by the command loop, which refuses those whose agent is not free, and the Campaign Manager
@@ -61,13 +60,13 @@ async def requeue_offers(zone: ZoneRuntime) -> Counter[str]:
     try:
         return await _requeue(zone)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        zone._log.warning("queued calls not re-offered: database error", error=f"{type(exc).__name__}: {exc}")
+        zone.log.warning("queued calls not re-offered: database error", error=f"{type(exc).__name__}: {exc}")
         return Counter()
 
 
-async def _requeue(zone: ZoneRuntime) -> Counter[str]:
+async def _requeue(zone: ZoneState) -> Counter[str]:
     counts: Counter[str] = Counter()
-    pool = await zone.daemon.app_db()
+    pool = await zone.ports.pool()
     async with zone.lock:
         rows: list[Any] = await pool.fetch(SQL_PENDING_OFFERS, zone.zone, list(REQUEUED_EVENTS))
         targeted: set[str] = set()
@@ -79,7 +78,7 @@ async def _requeue(zone: ZoneRuntime) -> Counter[str]:
                 continue
             others = sorted(a for a, rec in zone.agents.items() if a not in targeted and _free(rec, job))
             if others:
-                if not await zone._fenced(W_RETARGET, r["id"], others[0]):
+                if not await zone.fenced(W_RETARGET, r["id"], others[0]):
                     return counts  # no longer master: the next one does it
                 targeted.add(others[0])
                 counts["reoffered"] += 1
@@ -88,9 +87,9 @@ async def _requeue(zone: ZoneRuntime) -> Counter[str]:
             was = rec.snap.describe() if rec is not None else f"agent {agent} unknown in zone {zone.zone}"
             result = (f"closed: {AGENT_UNAVAILABLE}: no free agent of job {job} after the Agent Manager failover"
                       f" ({was})")[:2000]
-            if not await zone._fenced(W_CLOSE, r["id"], result):
+            if not await zone.fenced(W_CLOSE, r["id"], result):
                 return counts
             counts["closed"] += 1
     if rows:
-        zone._log.info("calls queued at the failover re-offered or closed", pending=len(rows), **counts)
+        zone.log.info("calls queued at the failover re-offered or closed", pending=len(rows), **counts)
     return counts

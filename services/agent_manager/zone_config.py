@@ -21,15 +21,14 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 import structlog
 
+from pom_ha.ha.daemon import HADaemon
 from pom_ha.ha.election import ClaimSpread, Elector
-
-if TYPE_CHECKING:
-    from services.agent_manager.daemon import AgentManagerDaemon
+from services.agent_manager.zone import ZoneRuntime
 
 log = structlog.get_logger("services.agent_manager.zone_config")
 
@@ -75,8 +74,9 @@ class AllocationSpread(ClaimSpread):
 
 
 class ZoneConfigWatcher:
-    def __init__(self, daemon: AgentManagerDaemon) -> None:
+    def __init__(self, daemon: HADaemon, runtimes: dict[str, ZoneRuntime]) -> None:
         self.daemon = daemon
+        self.runtimes = runtimes  # zone -> its runtime while this daemon is the zone's master
         self.me = daemon.config.server
         self.reservations: dict[str, Reservation] = {}
         self._wake = asyncio.Event()
@@ -132,7 +132,7 @@ class ZoneConfigWatcher:
 
     def _maybe_handle(self, r: Any) -> None:
         zone = r["zone"]
-        runtime = self.daemon.runtimes.get(zone)
+        runtime = self.runtimes.get(zone)
         if runtime is None or not runtime.term.active:
             return  # not our zone (its master handles it; a free zone goes to the allocated AM)
         req_id = int(r["id"])
@@ -142,7 +142,7 @@ class ZoneConfigWatcher:
 
     async def _handle(self, req_id: int, zone: str, server: str, alive: bool, reason: str = "zone_reset") -> None:
         try:
-            runtime = self.daemon.runtimes.get(zone)
+            runtime = self.runtimes.get(zone)
             if runtime is None or not runtime.term.active:
                 return
             if reason == "sdk_connection_lost":

@@ -13,7 +13,7 @@ from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, daemon_parser, 
 from pom_ha.ha.roles import PoolMember
 from pom_ha.media.client import Address
 from services.campaign_manager.daemon import SERVICE, CampaignManagerDaemon, CMOptions
-from services.campaign_manager.job_runner import RunnerOptions
+from services.campaign_manager.dial_loop import RunnerOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,6 +33,7 @@ SQL_ZONE_AVAILABLE = "SELECT available FROM agent_zone_status WHERE zone = $1"
 SQL_JOB_AGENTS = """
 SELECT agent_id, logged_in, ready, call_state, job_state, call_id FROM agents WHERE zone = $1 AND job_id = $2
 """
+SQL_AGENT_CALLS = "SELECT agent_id, call_state, call_id FROM agents WHERE zone = $1 AND agent_id = ANY($2::text[])"
 SQL_OFFER_RESULTS = """
 SELECT DISTINCT ON (ref) ref, id, agent_id, applied_at, result, reoffered_from FROM agent_call_command
  WHERE ref = ANY($1::text[]) ORDER BY ref, id DESC
@@ -133,7 +134,7 @@ class AgentLink:
             self.free_ids.remove(agent)
         try:
             async with self.store.pool.acquire(timeout=self.store.timeout_s) as conn:
-                await self.store._fenced(conn, W_OFFER, self.zone, agent, event, call_id, self.job, key[0], phone,
+                await self.store.fenced(conn, W_OFFER, self.zone, agent, event, call_id, self.job, key[0], phone,
                                          call_id)
         except BaseException:
             self.reserved.pop(agent, None)
@@ -142,10 +143,15 @@ class AgentLink:
         self.pending[call_id] = offer
         return offer
 
+    async def agent_calls(self, agents: list[str]) -> dict[str, tuple[str, str | None]]:
+        """The call state and call of each of ``agents`` (an agent not in the zone is missing)."""
+        rows = await self.store.pool.fetch(SQL_AGENT_CALLS, self.zone, agents, timeout=self.store.timeout_s)
+        return {str(r["agent_id"]): (r["call_state"], r["call_id"]) for r in rows}
+
     async def command(self, event: str, agent: str, call_id: str, key: tuple[str, int]) -> None:
         """A follow-up event of a call an agent already has (a preview's ``answered`` / ``released``)."""
         async with self.store.pool.acquire(timeout=self.store.timeout_s) as conn:
-            await self.store._fenced(conn, W_OFFER, self.zone, agent, event, call_id, self.job, key[0], None,
+            await self.store.fenced(conn, W_OFFER, self.zone, agent, event, call_id, self.job, key[0], None,
                                      f"{call_id}:{event}")
 
     async def results(self) -> list[OfferResult]:
@@ -170,7 +176,7 @@ class AgentLink:
         """Withdraw an offer the AM has not applied (the caller gave up waiting); False if it was applied
         meanwhile (its result is then read as usual)."""
         async with self.store.pool.acquire(timeout=self.store.timeout_s) as conn:
-            done = await self.store._fenced(conn, W_CANCEL_OFFER, offer.ref, f"closed: {why}"[:2000])
+            done = await self.store.fenced(conn, W_CANCEL_OFFER, offer.ref, f"closed: {why}"[:2000])
         return bool(done)
 
     async def day_counts(self, not_dialed: list[str]) -> tuple[int, int, int]:

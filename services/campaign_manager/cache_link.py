@@ -24,17 +24,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pom_ha.cache import CacheUnavailable, OperationalCache, StatisticsFrozen, load_jobs
 from pom_ha.domain.jobs import InvalidTransition, JobEvent, JobState, JobStatus, transition
 from services.campaign_manager.completions import DB_ERRORS
-from services.campaign_manager.job_store import FenceLost
+from services.campaign_manager.job_store import FenceLost, JobStore
 
-if TYPE_CHECKING:
-    from services.campaign_manager.job_runner import JobRunner
+
+class JobRunner(Protocol):
+    """What the link needs of a job's runner (services/campaign_manager/job_runner.py)."""
+
+    job_id: int
+    store: JobStore
+
+    @property
+    def active(self) -> bool: ...
+
+    def mark_refilter(self, cause: str | None, *, running: bool = False) -> None: ...
+
+    async def set_state(self, from_state: Any, to_state: Any, *, reason: str | None = None) -> bool: ...
 
 REBUILT_REASON = "cache rebuilt"
 
@@ -42,7 +53,7 @@ REBUILT_REASON = "cache rebuilt"
 class CacheLink:
     """One per Campaign Manager: publishes its jobs' statistics and watches the cache generation."""
 
-    def __init__(self, cache: OperationalCache, pool: Any, runners: Callable[[], list[JobRunner]], log: Any, *,
+    def __init__(self, cache: OperationalCache, pool: Any, runners: Callable[[], Sequence[JobRunner]], log: Any, *,
                  publish_interval_s: float = 1.0, generation_poll_s: float = 1.0, db_timeout_s: float = 5.0) -> None:
         self.cache = cache
         self.pool = pool

@@ -30,7 +30,8 @@ from pom_ha.messaging.stomp import StompClient
 from services.campaign_manager.cache_link import CacheLink
 from services.campaign_manager.completions import DB_ERRORS
 from services.campaign_manager.decisions import classify_outcome, job_of_item
-from services.campaign_manager.job_runner import JobRunner, RunnerOptions
+from services.campaign_manager.dial_loop import RunnerOptions
+from services.campaign_manager.job_runner import JobRunner
 from services.campaign_manager.job_store import JobStore
 from services.campaign_manager.listen import AssignmentListener
 from services.campaign_manager.metrics import CMMetrics
@@ -271,7 +272,7 @@ class CampaignManagerDaemon(HADaemon):
     def health(self) -> dict[str, Any]:
         body = super().health()
         body[SERVICE] = {
-            "jobs": {str(job): {"epoch": h.assignment.epoch, "state": h.runner.state,
+            "jobs": {str(job): {"epoch": h.assignment.epoch, "state": h.runner.state.value if h.runner.state else "?",
                                 "in_flight": len(h.runner.in_flight), **h.runner.agent_info()}
                      for job, h in self.jobs.items()},
             "counters": dict(self.cm_metrics.tally),

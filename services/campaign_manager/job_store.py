@@ -180,7 +180,8 @@ class JobStore:
         self.server = server
         self.timeout_s = timeout_s
 
-    async def _fenced(self, conn: Any, sql: str, *args: object) -> FencedWrite:
+    async def fenced(self, conn: Any, sql: str, *args: object) -> FencedWrite:
+        """``sql`` (with ``{fence}``) on ``conn`` under the job's assignment; raises FenceLost when it moved."""
         result = await execute_fenced(conn, self.fence, sql, *args, timeout_s=self.timeout_s)
         if not result.fence_held:
             raise FenceLost(f"job {self.job_id}: assignment epoch {self.assignment.epoch} no longer ours")
@@ -228,13 +229,13 @@ class JobStore:
                         ) -> bool:
         """Move the job from ``from_state`` (compare-and-set); False when it was not in that state."""
         async with self.pool.acquire(timeout=self.timeout_s) as conn:
-            result = await self._fenced(conn, W_SET_STATE, self.job_id, to_state, from_state, ending, reason)
+            result = await self.fenced(conn, W_SET_STATE, self.job_id, to_state, from_state, ending, reason)
         return result.rows == 1
 
     async def set_pacing_rate(self, rate: float | None) -> None:
         """Record a runtime pacing rate (calls per second; None: the campaign's) under the fence."""
         async with self.pool.acquire(timeout=self.timeout_s) as conn:
-            await self._fenced(conn, W_SET_RATE, self.job_id, rate)
+            await self.fenced(conn, W_SET_RATE, self.job_id, rate)
 
     async def filter_contacts(self, list_id: int, chunk: int = FILTER_CHUNK) -> int:
         """Add the list's contacts that the job does not have yet (:meth:`add_missing`), then put contacts
@@ -252,7 +253,7 @@ class JobStore:
         async with self.pool.acquire(timeout=self.timeout_s) as conn:
             while True:
                 high = await conn.fetchval(SQL_CHUNK_END, list_id, low, chunk - 1, timeout=self.timeout_s)
-                added += (await self._fenced(conn, W_FILTER, self.job_id, list_id, low, high)).rows
+                added += (await self.fenced(conn, W_FILTER, self.job_id, list_id, low, high)).rows
                 if high is None:
                     break
                 low = high
@@ -262,7 +263,7 @@ class JobStore:
         """Contacts 'dialing' without an attempt in flight go back to pending (none is expected). Only
         while this runner places no attempts: its NOT EXISTS would not see an attempt committed meanwhile."""
         async with self.pool.acquire(timeout=self.timeout_s) as conn:
-            return (await self._fenced(conn, W_UNSTICK, self.job_id)).rows
+            return (await self.fenced(conn, W_UNSTICK, self.job_id)).rows
 
     async def start_attempts(self, attempts: Sequence[NewAttempt]) -> None:
         """Write the attempt rows (dialing) and move their contacts to dialing, in ONE fenced transaction —
@@ -272,17 +273,17 @@ class JobStore:
         cids = [a.contact_id for a in attempts]
         nos = [a.attempt_no for a in attempts]
         async with self.pool.acquire(timeout=self.timeout_s) as conn, conn.transaction():
-            moved = await self._fenced(conn, W_START_DIALING, self.job_id, cids, nos)
+            moved = await self.fenced(conn, W_START_DIALING, self.job_id, cids, nos)
             if moved.rows != len(attempts):
                 raise WriteConflict(f"job {self.job_id}: {moved.rows} of {len(attempts)} contacts were pending")
-            await self._fenced(conn, W_INSERT_ATTEMPTS, self.job_id, cids, nos, [a.call_id for a in attempts],
+            await self.fenced(conn, W_INSERT_ATTEMPTS, self.job_id, cids, nos, [a.call_id for a in attempts],
                                self.server, self.fence.owner_instance, self.fence.epoch)
 
     async def update_contacts(self, updates: Sequence[ContactUpdate], *, from_state: str) -> int:
         if not updates:
             return 0
         async with self.pool.acquire(timeout=self.timeout_s) as conn:
-            result = await self._fenced(conn, W_UPDATE_CONTACTS, *_contact_args(self.job_id, updates, from_state))
+            result = await self.fenced(conn, W_UPDATE_CONTACTS, *_contact_args(self.job_id, updates, from_state))
         return result.rows
 
     async def locked_attempts(self, conn: Any, contacts: Sequence[str]) -> list[AttemptRow]:
@@ -300,13 +301,13 @@ class JobStore:
         """Inside the caller's transaction: complete attempts (contact, attempt_no, code, duration_ms) and
         apply the contacts' updates (from dialing); every row must change, else WriteConflict."""
         if done:
-            result = await self._fenced(
+            result = await self.fenced(
                 conn, W_COMPLETE_ATTEMPTS, self.job_id, [d[0] for d in done], [d[1] for d in done],
                 [d[2] for d in done], [d[3] for d in done])
             if result.rows != len(done):
                 raise WriteConflict(f"job {self.job_id}: {result.rows} of {len(done)} attempts were dialing")
         if updates:
-            result = await self._fenced(conn, W_UPDATE_CONTACTS, *_contact_args(self.job_id, updates, "dialing"))
+            result = await self.fenced(conn, W_UPDATE_CONTACTS, *_contact_args(self.job_id, updates, "dialing"))
             if result.rows != len(updates):
                 raise WriteConflict(f"job {self.job_id}: {result.rows} of {len(updates)} contacts were dialing")
 

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+import structlog
 
 from pom_ha.desktop.protocol import CallEvent, JobAttach, Logout, Ready, WrapUp
 from pom_ha.domain.agents import AgentJobState, AgentSnapshot, CallRole, CallState, InvalidAgentTransition
+from pom_ha.ha.ports import DaemonPorts, TermPorts
+from pom_ha.ha.settings import HATimings
 from pom_ha.ha.term import MasterTerm
 from services.agent_manager.zone import AgentRecord, ZoneRuntime, state_frame
 
 
 def runtime() -> ZoneRuntime:
-    daemon = SimpleNamespace(config=SimpleNamespace(server="pom1"))
-    return ZoneRuntime(cast(Any, daemon), cast(Any, None), MasterTerm("agent_manager", "Default", 3))
+    ports = DaemonPorts("pom1", "i1", HATimings(), structlog.get_logger("test"), cast(Any, None), cast(Any, None))
+    return ZoneRuntime(TermPorts(MasterTerm("agent_manager", "Default", 3), ports))
 
 
 def attached(agent_id: str, **kw: Any) -> AgentRecord:
@@ -29,21 +31,21 @@ def test_consult_conference_and_release_carry_the_passive_agent() -> None:
     z = runtime()
     z.agents["a"] = attached("a", call_state=CallState.TALKING, call_id="c1", role=CallRole.OWNER)
     z.agents["b"] = attached("b")
-    out = z._changes(z.agents["a"], CallEvent(req=1, call_id="c1", event="consult", consult_agent_id="b"))
+    out = z.desktops.changes(z.agents["a"], CallEvent(req=1, call_id="c1", event="consult", consult_agent_id="b"))
     states = [(r.snap.agent_id, r.snap.call_state) for r, _ in out]
     assert states == [("a", CallState.CONSULT), ("b", CallState.CONSULT)]
     assert out[1][0].snap.role is CallRole.PASSIVE and isinstance(out[1][1], CallEvent)
     assert out[1][1].event == "consult_joined"
     for rec, _ in out:
         z.agents[rec.snap.agent_id] = rec
-    out = z._changes(z.agents["a"], CallEvent(req=2, call_id="c1", event="conference"))
+    out = z.desktops.changes(z.agents["a"], CallEvent(req=2, call_id="c1", event="conference"))
     assert [r.snap.call_state for r, _ in out] == [CallState.CONFERENCE_OWNER, CallState.CONFERENCE_PASSIVE]
     for rec, _ in out:
         z.agents[rec.snap.agent_id] = rec
-    out = z._changes(z.agents["a"], CallEvent(req=3, call_id="c1", event="released"))
+    out = z.desktops.changes(z.agents["a"], CallEvent(req=3, call_id="c1", event="released"))
     assert [r.snap.call_state for r, _ in out] == [CallState.WRAPUP, CallState.IDLE]
     z.agents["a"] = out[0][0]
-    (wrapped, _), = z._changes(z.agents["a"], WrapUp(req=4, call_id="c1", completion_code="SALE"))
+    (wrapped, _), = z.desktops.changes(z.agents["a"], WrapUp(req=4, call_id="c1", completion_code="SALE"))
     assert wrapped.snap.call_state is CallState.IDLE
     assert (wrapped.last_completion_code, wrapped.last_closed_call_id) == ("SALE", "c1")
 
@@ -52,21 +54,21 @@ def test_refusals_name_the_agent_and_the_reason() -> None:
     z = runtime()
     z.agents["a"] = attached("a", call_state=CallState.TALKING, call_id="c1", role=CallRole.OWNER)
     with pytest.raises(InvalidAgentTransition, match="call c2 is not the agent's call c1"):
-        z._changes(z.agents["a"], CallEvent(req=1, call_id="c2", event="held"))
+        z.desktops.changes(z.agents["a"], CallEvent(req=1, call_id="c2", event="held"))
     with pytest.raises(InvalidAgentTransition, match="'nobody' is not in zone Default"):
-        z._changes(z.agents["a"], CallEvent(req=1, call_id="c1", event="consult", consult_agent_id="nobody"))
+        z.desktops.changes(z.agents["a"], CallEvent(req=1, call_id="c1", event="consult", consult_agent_id="nobody"))
     with pytest.raises(InvalidAgentTransition, match="finish the Talking call first"):
-        z._changes(z.agents["a"], Logout(req=2))
+        z.desktops.changes(z.agents["a"], Logout(req=2))
     with pytest.raises(InvalidAgentTransition, match="detach from the current job first"):
-        z._changes(z.agents["a"], JobAttach(req=3, job_id="j2"))
+        z.desktops.changes(z.agents["a"], JobAttach(req=3, job_id="j2"))
 
 
 def test_logout_clears_nailing_and_login_time() -> None:
     z = runtime()
     z.agents["a"] = attached("a")
-    (rec, _), = z._changes(z.agents["a"], Logout(req=1))
+    (rec, _), = z.desktops.changes(z.agents["a"], Logout(req=1))
     assert not rec.snap.logged_in and rec.login_time is None and not rec.nailed
-    (rec, _), = z._changes(attached("b"), Ready(req=2))
+    (rec, _), = z.desktops.changes(attached("b"), Ready(req=2))
     assert state_frame(rec.snap).ready is True
 
 

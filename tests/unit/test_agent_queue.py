@@ -41,16 +41,16 @@ class FakeZone:
         self.lock = asyncio.Lock()
         self.writes: list[tuple[str, tuple[object, ...]]] = []
         self.master = master
-        self._log = structlog.get_logger("test")
+        self.log = structlog.get_logger("test")
         pool = FakePool(rows)
 
-        class Daemon:
-            async def app_db(self) -> FakePool:
+        class Ports:
+            async def pool(self) -> FakePool:
                 return pool
 
-        self.daemon = Daemon()
+        self.ports = Ports()
 
-    async def _fenced(self, sql: str, *args: object) -> bool:
+    async def fenced(self, sql: str, *args: object) -> bool:
         self.writes.append((sql, args))
         return self.master
 
