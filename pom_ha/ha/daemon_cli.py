@@ -5,9 +5,13 @@ the loading of the topology, the server and the HA timings. A daemon adds its ow
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import dataclass
 
 from pom_ha.config import ServerSection, Topology, load_topology
+from pom_ha.ha.daemon import DaemonConfig
 from pom_ha.ha.logsetup import configure_logging
+from pom_ha.ha.roles import RoleKind
 from pom_ha.ha.settings import HATimings, load_timings
 
 
@@ -42,3 +46,32 @@ def add_cache_option(p: argparse.ArgumentParser) -> None:
 def cache_wanted(args: argparse.Namespace, topo: Topology) -> bool:
     choice = getattr(args, "cache", "auto")
     return choice == "on" or (choice == "auto" and bool(topo.servers_running("ignite")))
+
+
+@dataclass(frozen=True)
+class DaemonContext:
+    """What a daemon's ``__main__`` loaded: its options, the topology, its server and the HA timings."""
+
+    args: argparse.Namespace
+    topo: Topology
+    server: ServerSection
+    timings: HATimings
+
+    def config(self, roles: tuple[RoleKind, ...], *, dsn: str | None = None) -> DaemonConfig:
+        """The daemon's :class:`DaemonConfig` from the common options (``dsn`` defaults to the topology's)."""
+        return DaemonConfig(
+            server=self.server.name, address=self.server.address, dsn=dsn or self.topo.postgres.dsn(), roles=roles,
+            timings=self.timings, http_port=self.args.http_port,
+            heartbeat_port=getattr(self.args, "heartbeat_port", 0), instance_tag=self.args.instance_tag,
+        )
+
+
+def daemon_context(args: argparse.Namespace) -> DaemonContext:
+    """:func:`load_daemon_context` as one object; raises :class:`pom_ha.config.ConfigError`."""
+    return DaemonContext(args, *load_daemon_context(args))
+
+
+def config_error(exc: Exception) -> int:
+    """A daemon's start-up refusal: ``error: ...`` on standard error; the exit code (2) to return."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2

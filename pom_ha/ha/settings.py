@@ -24,12 +24,11 @@ Each value can be overridden by an environment variable ``POM_HA_<FIELD>`` (``PO
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pom_ha.config import ConfigError
+from pom_ha.config.env import settings_from_env
 
 ENV_PREFIX = "POM_HA_"
 
@@ -152,19 +151,4 @@ def load_timings(environ: Mapping[str, str] | None = None, **overrides: int) -> 
 
     Raises :class:`pom_ha.config.ConfigError` naming every offending setting.
     """
-    env = os.environ if environ is None else environ
-    values: dict[str, object] = {}
-    for name in HATimings.model_fields:
-        raw = env.get(ENV_PREFIX + name.upper())
-        if raw is not None:
-            values[name] = raw
-    values.update(overrides)
-    try:
-        return HATimings.model_validate(values)
-    except ValidationError as exc:
-        lines = ["invalid HA timings"]
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            where = f"{field} ({ENV_PREFIX}{field.upper()})" if field else "timings"
-            lines.append(f"  {where}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+    return settings_from_env(HATimings, ENV_PREFIX, "HA timings", environ, overrides, whole="timings")

@@ -62,19 +62,8 @@ def broker_name(server_name: str) -> str:
 
 class ActiveMQLauncher(Launcher):
     kind = "activemq"
+    config_name = "activemq.xml"
     start_timeout_s: ClassVar[float] = 120.0
-
-    @property
-    def conf_dir(self) -> Path:
-        return self.home / "conf"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def config_file(self) -> Path:
-        return self.conf_dir / "activemq.xml"
 
     @property
     def broker_name(self) -> str:
@@ -83,10 +72,6 @@ class ActiveMQLauncher(Launcher):
     @property
     def stomp_port(self) -> int:
         return self.topo.ports.activemq_stomp
-
-    @property
-    def marker(self) -> str:
-        return str(self.config_file)
 
     @property
     def _log_offset_file(self) -> Path:
@@ -105,7 +90,7 @@ class ActiveMQLauncher(Launcher):
         # the password exists only in this file (mode 0600, owned by the broker's uid after start)
         render_template(
             "activemq.xml",
-            self.config_file,
+            self.config_path,
             broker_name=self.broker_name,
             address=self.address,
             openwire_port=self.topo.ports.activemq_openwire,
@@ -117,7 +102,7 @@ class ActiveMQLauncher(Launcher):
             lease_ms=LEASE_MS,
             keepalive_ms=KEEPALIVE_MS,
         )
-        self.config_file.chmod(0o600)
+        self.config_path.chmod(0o600)
         render_template("activemq-log4j.properties", self.conf_dir / "log4j.properties")
 
     def _jdbc_url(self) -> str:
@@ -154,7 +139,7 @@ class ActiveMQLauncher(Launcher):
             "-jar",
             str(AMQ_HOME / "bin" / "activemq.jar"),
             "start",
-            f"xbean:file:{self.config_file}",
+            f"xbean:file:{self.config_path}",
         ]
 
     def start(self) -> ProcessRecord:

@@ -131,6 +131,8 @@ class Launcher(ABC):
     #: run under the POM server's uid (uid_base + N) so lab faults can target it with iptables owner rules
     runs_as_server_uid: ClassVar[bool] = True
     start_timeout_s: ClassVar[float] = 90.0
+    #: the server's main configuration file in ``conf/`` (its path is the process marker); None: it has none
+    config_name: ClassVar[str | None] = None
 
     def __init__(self, topo: Topology, server: ServerSection) -> None:
         self.topo = topo
@@ -157,6 +159,20 @@ class Launcher(ABC):
     def home(self) -> Path:
         """Private folder of this process: conf/, data/ and anything it writes."""
         return self.lab_dir / self.server.name / self.kind
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.home / "conf"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def config_path(self) -> Path:
+        if self.config_name is None:
+            raise TypeError(f"{self.kind}: this server has no configuration file")
+        return self.conf_dir / self.config_name
 
     @property
     def log_path(self) -> Path:
@@ -195,7 +211,8 @@ class Launcher(ABC):
 
     @property
     def marker(self) -> str:
-        return str(self.home)
+        """What identifies the process in ``ps`` (its configuration file, else its home)."""
+        return str(self.config_path) if self.config_name is not None else str(self.home)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def record(self) -> ProcessRecord | None:

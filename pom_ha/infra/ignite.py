@@ -70,6 +70,7 @@ def discovery_addresses(topo: Topology) -> list[str]:
 
 class IgniteLauncher(Launcher):
     kind = "ignite"
+    config_name = "ignite.xml"
     start_timeout_s: ClassVar[float] = 120.0
     # 3 s split a loaded 2-core lab machine's cluster into single-node "clusters" (a ring message late by
     # a few seconds reads as a dead neighbour, then SEGMENTATION halts); a killed node is still seen at once
@@ -77,10 +78,6 @@ class IgniteLauncher(Launcher):
     failure_detection_ms: ClassVar[int] = 10000
     client_failure_detection_ms: ClassVar[int] = 5000
     probe_timeout_s: ClassVar[float] = 3.0
-
-    @property
-    def config_path(self) -> Path:
-        return self.home / "conf" / "ignite.xml"
 
     @property
     def work_dir(self) -> Path:
@@ -156,10 +153,6 @@ class IgniteLauncher(Launcher):
 
     def env(self) -> dict[str, str]:
         return {**super().env(), "IGNITE_HOME": str(self.home)}
-
-    @property
-    def marker(self) -> str:
-        return str(self.config_path)
 
     async def probe(self) -> bool:
         """A thin-client handshake with this node succeeds and the cluster it is in is ACTIVE."""

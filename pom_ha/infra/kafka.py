@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from confluent_kafka import KafkaException
@@ -56,28 +55,13 @@ def _fetch_metadata(bootstrap: str, timeout_s: float, security: dict[str, str]) 
 
 class KafkaLauncher(Launcher):
     kind = "kafka"
+    config_name = "server.properties"
     # a JVM broker on a busy 2-core machine can take 20-40 s, and it needs every peer registered
     start_timeout_s: ClassVar[float] = 120.0
 
     @property
     def broker_id(self) -> int:
         return self.topo.server_index(self.server.name)
-
-    @property
-    def conf_dir(self) -> Path:
-        return self.home / "conf"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def config_path(self) -> Path:
-        return self.conf_dir / "server.properties"
-
-    @property
-    def marker(self) -> str:
-        return str(self.config_path)
 
     @property
     def endpoint(self) -> str:

@@ -69,10 +69,6 @@ class PostgresLauncher(Launcher):
         return self.lab_dir / "postgres"
 
     @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
     def socket_dir(self) -> Path:
         return self.home / "sock"
 

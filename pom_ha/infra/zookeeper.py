@@ -78,27 +78,12 @@ def parse_srvr_mode(reply: bytes) -> str | None:
 
 class ZooKeeperLauncher(Launcher):
     kind = "zookeeper"
+    config_name = "zoo.cfg"
     start_timeout_s: ClassVar[float] = 90.0
 
     @property
     def myid(self) -> int:
         return self.topo.server_index(self.server.name)
-
-    @property
-    def conf_dir(self) -> Path:
-        return self.home / "conf"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def config_path(self) -> Path:
-        return self.conf_dir / "zoo.cfg"
-
-    @property
-    def marker(self) -> str:
-        return str(self.config_path)
 
     def listen_ports(self) -> list[tuple[str, int]]:
         p = self.topo.ports

@@ -11,8 +11,7 @@ import sys
 
 from pom_ha.config import ConfigError
 from pom_ha.desktop.tls import DesktopTlsError, server_context
-from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, config_error, daemon_context, daemon_parser
 from pom_ha.ha.roles import ZoneRole
 from services.agent_manager.daemon import SERVICE, AgentManagerDaemon
 
@@ -33,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        topo, server, timings = load_daemon_context(args)
+        ctx = daemon_context(args)
+        topo = ctx.topo
         known = [z.name for z in topo.zones]
         zones = list(dict.fromkeys(args.zone)) if args.zone else known
         unknown = [z for z in zones if z not in known]
@@ -46,14 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         desktop_ssl = None if args.desktop_tls_cert is None else server_context(args.desktop_tls_cert,
                                                                                 args.desktop_tls_key)
     except (ConfigError, DesktopTlsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return config_error(exc)
     port = topo.ports.desktop if args.port is None else args.port
-    config = DaemonConfig(
-        server=server.name, address=server.address, dsn=topo.postgres.dsn(),
-        roles=tuple(ZoneRole(SERVICE, z) for z in zones), timings=timings, http_port=args.http_port,
-        heartbeat_port=args.heartbeat_port, instance_tag=args.instance_tag,
-    )
+    config = ctx.config(tuple(ZoneRole(SERVICE, z) for z in zones))
     addresses = {s.name: f"{s.address}:{port}" for s in topo.servers}
     daemon = AgentManagerDaemon(
         config, zones=zones, desktop_port=port, manager_addresses=list(addresses.values()),

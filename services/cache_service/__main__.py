@@ -14,8 +14,7 @@ import sys
 
 from pom_ha.cache.client import OperationalCache, quiet_pyignite_logs
 from pom_ha.config import ConfigError
-from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import config_error, daemon_context, daemon_parser
 from pom_ha.ha.roles import PoolMember
 from pom_ha.infra.ignite import IgniteLauncher
 from services.cache_service.daemon import SERVICE, CacheServiceDaemon
@@ -34,17 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        topo, server, timings = load_daemon_context(args)
+        ctx = daemon_context(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return config_error(exc)
+    topo, server = ctx.topo, ctx.server
     if "ignite" not in server.runs:
         print(f"error: {server.name} runs no Ignite node in {topo.source}", file=sys.stderr)
         return 2
-    config = DaemonConfig(
-        server=server.name, address=server.address, dsn=topo.postgres.dsn(), roles=(PoolMember(SERVICE),),
-        timings=timings, http_port=args.http_port, instance_tag=args.instance_tag,
-    )
+    config = ctx.config((PoolMember(SERVICE),))
     quiet_pyignite_logs()
     launcher = IgniteLauncher(topo, server)
     ignite_servers = [s.name for s in topo.servers_running("ignite")]

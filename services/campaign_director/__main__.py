@@ -13,8 +13,7 @@ import sys
 import asyncpg
 
 from pom_ha.config import ConfigError
-from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, config_error, daemon_context, daemon_parser
 from pom_ha.ha.roles import RoleKind, SingletonRole, ZoneRole
 from services.campaign_director.daemon import SERVICE, CampaignDirectorDaemon
 from services.campaign_director.settings import load_settings
@@ -45,20 +44,17 @@ async def _zones_in_database(dsn: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        topo, server, timings = load_daemon_context(args)
+        ctx = daemon_context(args)
         settings = load_settings()
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return config_error(exc)
+    topo = ctx.topo
     dsn = topo.postgres.dsn()
     zones = list(dict.fromkeys(args.zone)) or list(dict.fromkeys(
         [z.name for z in topo.zones] + asyncio.run(_zones_in_database(dsn))
     ))
     roles: tuple[RoleKind, ...] = (SingletonRole(SERVICE), *(ZoneRole(ZONE_SERVICE, z) for z in zones))
-    config = DaemonConfig(
-        server=server.name, address=server.address, dsn=dsn, roles=roles, timings=timings,
-        http_port=args.http_port, heartbeat_port=args.heartbeat_port, instance_tag=args.instance_tag,
-    )
+    config = ctx.config(roles, dsn=dsn)
     cache = None
     if cache_wanted(args, topo):
         from pom_ha.cache.client import OperationalCache, quiet_pyignite_logs

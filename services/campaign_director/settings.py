@@ -26,12 +26,11 @@ Rules: ``cm_dead_after_ms >= 2 * allocation_interval_ms``; ``late_tolerance_ms >
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pom_ha.config import ConfigError
+from pom_ha.config.env import settings_from_env
 
 ENV_PREFIX = "POM_CD_"
 
@@ -69,14 +68,4 @@ class CDSettings(BaseModel):
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> CDSettings:
-    env = os.environ if environ is None else environ
-    values = {name: env[ENV_PREFIX + name.upper()] for name in CDSettings.model_fields
-              if ENV_PREFIX + name.upper() in env}
-    try:
-        return CDSettings.model_validate(values)
-    except ValidationError as exc:
-        lines = ["invalid Campaign Director settings"]
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {f'{field} ({ENV_PREFIX}{field.upper()})' if field else 'settings'}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+    return settings_from_env(CDSettings, ENV_PREFIX, "Campaign Director settings", environ)

@@ -8,8 +8,7 @@ import asyncio
 import sys
 
 from pom_ha.config import ConfigError, Topology
-from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import add_cache_option, cache_wanted, config_error, daemon_context, daemon_parser
 from pom_ha.ha.roles import PoolMember
 from pom_ha.media.client import Address
 from services.campaign_manager.daemon import SERVICE, CampaignManagerDaemon, CMOptions
@@ -46,15 +45,12 @@ def media_addresses(topo: Topology, raw: list[str]) -> list[Address]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        topo, server, timings = load_daemon_context(args)
+        ctx = daemon_context(args)
+        topo = ctx.topo
         media = media_addresses(topo, args.media)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    config = DaemonConfig(
-        server=server.name, address=server.address, dsn=topo.postgres.dsn(), roles=(PoolMember(SERVICE),),
-        timings=timings, http_port=args.http_port, instance_tag=args.instance_tag,
-    )
+        return config_error(exc)
+    config = ctx.config((PoolMember(SERVICE),))
     options = CMOptions(
         reconcile_interval_s=args.reconcile_interval_s,
         runner=RunnerOptions(re_timeout_s=args.re_timeout_s, attempt_timeout_s=args.attempt_timeout_s),

@@ -9,8 +9,7 @@ import sys
 
 from pom_ha.config import ConfigError
 from pom_ha.config.addresses import bootstrap_servers
-from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import config_error, daemon_context, daemon_parser
 from pom_ha.ha.roles import SingletonRole
 from pom_ha.kafka.tls import KafkaTlsError, security_config
 from services.event_aggregator.daemon import SERVICE, AggregatorSettings, EventAggregatorDaemon, orgs_of
@@ -27,21 +26,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        topo, server, timings = load_daemon_context(args)
-        security = security_config(topo)
+        ctx = daemon_context(args)
+        security = security_config(ctx.topo)
     except (ConfigError, KafkaTlsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return config_error(exc)
+    topo = ctx.topo
     brokers = len(topo.servers_running("kafka"))
     settings = AggregatorSettings(
         bootstrap=bootstrap_servers(topo), security=security,
         orgs=orgs_of([z.org for z in topo.zones], args.org), replication=min(3, max(1, brokers)),
         batch_max_records=args.batch,
     )
-    config = DaemonConfig(
-        server=server.name, address=server.address, dsn=topo.postgres.dsn(), roles=(SingletonRole(SERVICE),),
-        timings=timings, http_port=args.http_port, heartbeat_port=args.heartbeat_port, instance_tag=args.instance_tag,
-    )
+    config = ctx.config((SingletonRole(SERVICE),))
     return asyncio.run(EventAggregatorDaemon(config, settings).main())
 
 

@@ -8,8 +8,7 @@ import asyncio
 import sys
 
 from pom_ha.config import ConfigError
-from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import config_error, daemon_context, daemon_parser
 from pom_ha.ha.roles import PoolMember, RoleKind, SingletonRole, ZoneRole
 from services.ha_probe.probe import ProbeDaemon
 
@@ -26,10 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        topo, server, timings = load_daemon_context(args)
+        ctx = daemon_context(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return config_error(exc)
     roles: tuple[RoleKind, ...]
     if args.pool:
         roles = (PoolMember(args.role),)
@@ -37,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         roles = tuple(ZoneRole(args.role, z) for z in dict.fromkeys(args.zone))
     else:
         roles = (SingletonRole(args.role),)
-    config = DaemonConfig(
-        server=server.name, address=server.address, dsn=topo.postgres.dsn(), roles=roles, timings=timings,
-        http_port=args.http_port, heartbeat_port=args.heartbeat_port, instance_tag=args.instance_tag,
-    )
+    config = ctx.config(roles)
     return asyncio.run(ProbeDaemon(config, write_interval_ms=args.write_interval_ms).main())
 
 

@@ -8,8 +8,7 @@ import asyncio
 import sys
 
 from pom_ha.config import ConfigError
-from pom_ha.ha.daemon import DaemonConfig
-from pom_ha.ha.daemon_cli import daemon_parser, load_daemon_context
+from pom_ha.ha.daemon_cli import config_error, daemon_context, daemon_parser
 from pom_ha.ha.roles import SingletonRole
 from services.rule_engine.daemon import SERVICE, RuleEngineDaemon
 
@@ -23,15 +22,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        topo, server, timings = load_daemon_context(args)
+        ctx = daemon_context(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    config = DaemonConfig(
-        server=server.name, address=server.address, dsn=topo.postgres.dsn(), roles=(SingletonRole(SERVICE),),
-        timings=timings, http_port=args.http_port, heartbeat_port=args.heartbeat_port, instance_tag=args.instance_tag,
-    )
-    port = topo.ports.rule_engine if args.port is None else args.port
+        return config_error(exc)
+    config = ctx.config((SingletonRole(SERVICE),))
+    port = ctx.topo.ports.rule_engine if args.port is None else args.port
     return asyncio.run(RuleEngineDaemon(config, port=port).main())
 
 
