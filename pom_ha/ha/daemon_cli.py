@@ -5,11 +5,13 @@ the loading of the topology, the server and the HA timings. A daemon adds its ow
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from pom_ha.config import ServerSection, Topology, load_topology
-from pom_ha.ha.daemon import DaemonConfig
+from pom_ha.config import ConfigError, ServerSection, Topology, load_topology
+from pom_ha.ha.daemon import DaemonConfig, HADaemon
 from pom_ha.ha.logsetup import configure_logging
 from pom_ha.ha.roles import RoleKind
 from pom_ha.ha.settings import HATimings, load_timings
@@ -75,3 +77,17 @@ def config_error(exc: Exception) -> int:
     """A daemon's start-up refusal: ``error: ...`` on standard error; the exit code (2) to return."""
     print(f"error: {exc}", file=sys.stderr)
     return 2
+
+
+def run_daemon(args: argparse.Namespace, build: Callable[[DaemonContext], HADaemon | int],
+               errors: tuple[type[Exception], ...] = ()) -> int:
+    """A daemon's whole ``main``: load the context, ``build`` the daemon (or an exit code), run it until it stops.
+    A :class:`ConfigError` (or one of ``errors``) while loading or building is ``error: ...`` and exit code 2."""
+    caught: tuple[type[Exception], ...] = (ConfigError, *errors)
+    try:
+        daemon = build(daemon_context(args))
+    except caught as exc:
+        return config_error(exc)
+    if isinstance(daemon, int):
+        return daemon
+    return asyncio.run(daemon.main())

@@ -9,12 +9,11 @@ the cache from PostgreSQL after the whole cache was lost. The node keeps running
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from pom_ha.cache.client import OperationalCache, quiet_pyignite_logs
 from pom_ha.config import ConfigError
-from pom_ha.ha.daemon_cli import config_error, daemon_context, daemon_parser
+from pom_ha.ha.daemon_cli import DaemonContext, daemon_parser, run_daemon
 from pom_ha.ha.roles import PoolMember
 from pom_ha.infra.ignite import IgniteLauncher
 from services.cache_service.daemon import SERVICE, CacheServiceDaemon
@@ -30,28 +29,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        ctx = daemon_context(args)
-    except ConfigError as exc:
-        return config_error(exc)
-    topo, server = ctx.topo, ctx.server
+def build(ctx: DaemonContext) -> CacheServiceDaemon:
+    args, topo, server = ctx.args, ctx.topo, ctx.server
     if "ignite" not in server.runs:
-        print(f"error: {server.name} runs no Ignite node in {topo.source}", file=sys.stderr)
-        return 2
-    config = ctx.config((PoolMember(SERVICE),))
+        raise ConfigError(f"{server.name} runs no Ignite node in {topo.source}")
     quiet_pyignite_logs()
     launcher = IgniteLauncher(topo, server)
     ignite_servers = [s.name for s in topo.servers_running("ignite")]
     peers = [(s.address, topo.ports.ignite_thin_client) for s in topo.servers_running("ignite") if s is not server]
-    daemon = CacheServiceDaemon(
-        config, launcher=launcher, cache=OperationalCache.from_topology(topo),
+    return CacheServiceDaemon(
+        ctx.config((PoolMember(SERVICE),)), launcher=launcher, cache=OperationalCache.from_topology(topo),
         supervisor=NodeSupervisor(launcher, interval_s=args.check_interval_ms / 1000, peers=peers,
                                   rank=ignite_servers.index(server.name), stagger_s=args.stagger_s),
         stop_node_on_exit=args.stop_node_on_exit,
     )
-    return asyncio.run(daemon.main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_daemon(parse_args(argv), build)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from pom_ha.config import ConfigError
 from pom_ha.config.addresses import bootstrap_servers
-from pom_ha.ha.daemon_cli import config_error, daemon_context, daemon_parser
+from pom_ha.ha.daemon_cli import DaemonContext, daemon_parser, run_daemon
 from pom_ha.ha.roles import SingletonRole
 from pom_ha.kafka.tls import KafkaTlsError, security_config
 from services.event_aggregator.daemon import SERVICE, AggregatorSettings, EventAggregatorDaemon, orgs_of
@@ -23,22 +21,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        ctx = daemon_context(args)
-        security = security_config(ctx.topo)
-    except (ConfigError, KafkaTlsError) as exc:
-        return config_error(exc)
+def build(ctx: DaemonContext) -> EventAggregatorDaemon:
     topo = ctx.topo
     brokers = len(topo.servers_running("kafka"))
     settings = AggregatorSettings(
-        bootstrap=bootstrap_servers(topo), security=security,
-        orgs=orgs_of([z.org for z in topo.zones], args.org), replication=min(3, max(1, brokers)),
-        batch_max_records=args.batch,
+        bootstrap=bootstrap_servers(topo), security=security_config(topo),
+        orgs=orgs_of([z.org for z in topo.zones], ctx.args.org), replication=min(3, max(1, brokers)),
+        batch_max_records=ctx.args.batch,
     )
-    config = ctx.config((SingletonRole(SERVICE),))
-    return asyncio.run(EventAggregatorDaemon(config, settings).main())
+    return EventAggregatorDaemon(ctx.config((SingletonRole(SERVICE),)), settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_daemon(parse_args(argv), build, (KafkaTlsError,))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from pom_ha.config import ConfigError
-from pom_ha.ha.daemon_cli import config_error, daemon_context, daemon_parser
+from pom_ha.ha.daemon_cli import DaemonContext, daemon_parser, run_daemon
 from pom_ha.ha.roles import PoolMember, RoleKind, SingletonRole, ZoneRole
 from services.ha_probe.probe import ProbeDaemon
 
@@ -22,12 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        ctx = daemon_context(args)
-    except ConfigError as exc:
-        return config_error(exc)
+def build(ctx: DaemonContext) -> ProbeDaemon:
+    args = ctx.args
     roles: tuple[RoleKind, ...]
     if args.pool:
         roles = (PoolMember(args.role),)
@@ -35,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         roles = tuple(ZoneRole(args.role, z) for z in dict.fromkeys(args.zone))
     else:
         roles = (SingletonRole(args.role),)
-    config = ctx.config(roles)
-    return asyncio.run(ProbeDaemon(config, write_interval_ms=args.write_interval_ms).main())
+    return ProbeDaemon(ctx.config(roles), write_interval_ms=args.write_interval_ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_daemon(parse_args(argv), build)
 
 
 if __name__ == "__main__":

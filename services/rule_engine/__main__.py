@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from pom_ha.config import ConfigError
-from pom_ha.ha.daemon_cli import config_error, daemon_context, daemon_parser
+from pom_ha.ha.daemon_cli import DaemonContext, daemon_parser, run_daemon
 from pom_ha.ha.roles import SingletonRole
 from services.rule_engine.daemon import SERVICE, RuleEngineDaemon
 
@@ -19,15 +17,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def build(ctx: DaemonContext) -> RuleEngineDaemon:
+    port = ctx.topo.ports.rule_engine if ctx.args.port is None else ctx.args.port
+    return RuleEngineDaemon(ctx.config((SingletonRole(SERVICE),)), port=port)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        ctx = daemon_context(args)
-    except ConfigError as exc:
-        return config_error(exc)
-    config = ctx.config((SingletonRole(SERVICE),))
-    port = ctx.topo.ports.rule_engine if args.port is None else args.port
-    return asyncio.run(RuleEngineDaemon(config, port=port).main())
+    return run_daemon(parse_args(argv), build)
 
 
 if __name__ == "__main__":
