@@ -19,7 +19,7 @@ from pyignite import AioClient
 from pyignite.datatypes import ClusterState
 
 from pom_ha.config import Topology
-from pom_ha.config.addresses import CLIENT_ERRORS
+from pom_ha.config.addresses import CLIENT_ERRORS as CLIENT_ERRORS  # its home; here for old callers
 from pom_ha.config.addresses import thin_client_addresses as thin_client_addresses  # its home; here for old callers
 from pom_ha.infra.base import JAVA17_OPENS, Launcher, java_bin, jvm_classpath, render_template
 
