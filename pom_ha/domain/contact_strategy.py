@@ -79,7 +79,7 @@ class WindowSpec(_Spec):
 Week = dict[Day, list[WindowSpec]]
 
 
-def _check_week(week: Mapping[str, list[WindowSpec]]) -> None:
+def _check_week(week: Mapping[Any, list[WindowSpec]]) -> None:
     for day, spans in week.items():
         ordered = sorted(spans, key=lambda w: _wall(w.start))
         for a, b in itertools.pairwise(ordered):
@@ -145,7 +145,7 @@ class WeeklyWindows:
     days: tuple[tuple[tuple[time, time], ...], ...]
 
     @classmethod
-    def from_week(cls, week: Mapping[str, list[WindowSpec]]) -> WeeklyWindows:
+    def from_week(cls, week: Mapping[Any, list[WindowSpec]]) -> WeeklyWindows:
         days = []
         for name in DAYS:
             spans = sorted((_wall(w.start), _wall(w.end)) for w in week.get(name, []))

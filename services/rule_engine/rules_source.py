@@ -70,11 +70,11 @@ def rules_from_rows(settings: Mapping[str, str], dnc: Iterable[str]) -> tuple[Ru
     """Build the rule set from ``pim_config`` values and DNC phones; returns it and the problems found."""
     problems: list[str] = []
     default = RuleSet()
-    window = default.calling_window
+    window = fallback = CallingWindow()
     try:
         window = CallingWindow(
-            _wall_time(settings.get(KEY_WINDOW_START), default.calling_window.start),
-            _wall_time(settings.get(KEY_WINDOW_END), default.calling_window.end),
+            _wall_time(settings.get(KEY_WINDOW_START), fallback.start),
+            _wall_time(settings.get(KEY_WINDOW_END), fallback.end),
         )
     except ValueError as exc:
         problems.append(f"{KEY_WINDOW_START}/{KEY_WINDOW_END}: {exc}; using {window}")
