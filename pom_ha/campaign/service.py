@@ -615,3 +615,30 @@ async def delete_schedule(conn: Any, name: str) -> dict[str, Any]:
 
 def masked(phone: str) -> str:
     return mask(phone)
+
+
+# ---- campaign creation (definition + strategy + DNC lists, one transaction) ------------------------------
+class CampaignCreate(_Req):
+    definition: dict[str, Any] = Field(description="a campaign definition (docs/campaign-director.md)")
+    zone: str = Field("Default", min_length=1, max_length=64)
+    strategy: str | None = None
+    dnc_lists: list[str] = Field(default_factory=list)
+
+
+async def create_campaign(conn: Any, req: CampaignCreate) -> CampaignSummary:
+    from pom_ha.campaign import admin
+
+    async with conn.transaction():
+        definition = dict(req.definition)
+        strategy_id = None
+        if req.strategy:
+            strategy_id, spec = await _strategy_id(conn, req.strategy)
+            definition = _with_treatments(definition, spec)
+        made = await admin.create_campaign(conn, definition, zone=req.zone)
+        if strategy_id is not None:
+            await conn.execute("UPDATE campaigns SET strategy_id = $2 WHERE id = $1", made.id, strategy_id)
+        ids = await _dnc_ids(conn, req.dnc_lists)
+        await conn.executemany("INSERT INTO campaign_dnc (campaign_id, list_id) VALUES ($1, $2)",
+                               [(made.id, i) for i in ids])
+        name = await conn.fetchval("SELECT name FROM campaigns WHERE id = $1", made.id)
+        return _summary(await _campaign_row(conn, name))
