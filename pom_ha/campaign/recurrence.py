@@ -53,12 +53,15 @@ class HolidayCalendar:
             return
         import holidays
 
-        supported = holidays.list_supported_countries()
-        if self.country not in supported:
-            raise RecurrenceError(f"country: no holiday calendar for {self.country!r} (ISO 3166 codes such as US, FR)")
-        if self.subdivision is not None and self.subdivision not in supported[self.country]:
+        try:
+            table = holidays.country_holidays(self.country)
+        except NotImplementedError:
+            raise RecurrenceError(
+                f"country: no holiday calendar for {self.country!r} (ISO 3166 codes such as US, FR)") from None
+        known = tuple(getattr(table, "subdivisions", ()) or ())
+        if self.subdivision is not None and self.subdivision not in known:
             raise RecurrenceError(f"subdivision: {self.subdivision!r} is not a region of {self.country} "
-                                  f"(known: {', '.join(supported[self.country][:12])}...)")
+                                  f"(known: {', '.join(known[:12]) or 'none'}{'...' if len(known) > 12 else ''})")
 
     def is_holiday(self, day: date) -> bool:
         if day in self.custom_dates:
@@ -133,14 +136,7 @@ class Recurrence:
     def _local_after(self, local: datetime) -> Iterable[datetime]:
         """Local wall-clock occurrences strictly after ``local`` (naive)."""
         if self.kind == "rrule":
-            rule = self._rule()
-            current = local
-            for _ in range(MAX_SCAN):
-                nxt = rule.after(current, inc=False)
-                if nxt is None:
-                    return
-                yield nxt
-                current = nxt
+            yield from self._rule().xafter(local, count=MAX_SCAN, inc=False)
         else:
             try:
                 it = croniter(self.expression, max(local, self._local_start() - timedelta(seconds=1)))

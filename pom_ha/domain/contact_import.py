@@ -106,9 +106,11 @@ def import_csv(
     *,
     resume_from: ImportCheckpoint = START,
     known_ids: Container[str] = frozenset(),
+    phones: PhonePolicy | None = None,
 ) -> ImportResult:
     """Import all of a CSV source at once; see ``iter_csv_batches``."""
-    return _collect(iter_csv_batches(source, resume_from=resume_from, known_ids=known_ids), resume_from)
+    return _collect(iter_csv_batches(source, resume_from=resume_from, known_ids=known_ids, phones=phones),
+                    resume_from)
 
 
 def iter_row_batches(
