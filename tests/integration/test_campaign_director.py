@@ -290,7 +290,8 @@ async def test_csv_with_bad_rows_reports_lines_and_imports_good_rows(
         ("t1", "+33123456789", "Europe/Paris", "gold"), ("t2", "+33123456780", "Nowhere/Land", "x"),
         ("t3", "+33123456781", "Europe/Paris", None)])
     from_table = await admin.queue_import(db, "imports", table="cd_test_source")
-    headless = await admin.queue_import(db, "imports", csv_path=str(csv_file(workdir, "no-tz.csv", "id,timezone\n1,UTC\n")))
+    headless = await admin.queue_import(db, "imports",
+                                        csv_path=str(csv_file(workdir, "no-ph.csv", "id,timezone\n1,UTC\n")))
     directors.start("pom1")
 
     async def finished() -> Any:
