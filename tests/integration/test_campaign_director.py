@@ -630,7 +630,7 @@ async def test_sigkill_mid_import_the_new_master_resumes_it(
     monkeypatch.setenv("POM_CD_IMPORT_BATCH_ROWS", "500")
     made = await admin.create_list(db, "killed-import")
     total = 100_000
-    lines = ["id,phone,timezone"] + [f"k{i:06d},+1415{i:07d},America/Denver" for i in range(total)]
+    lines = ["id,phone,timezone"] + [f"k{i:06d},+1415{2_000_000 + i:07d},America/Denver" for i in range(total)]
     lines[1001] = "bad,12,America/Denver"  # one bad row, line 1002
     path = csv_file(workdir, "killed.csv", "\n".join(lines) + "\n")
     directors.start("pom1", "pom2")
@@ -825,7 +825,7 @@ async def test_a_zone_import_resumes_on_the_zones_next_director(
     monkeypatch.setenv("POM_CD_IMPORT_BATCH_ROWS", "500")
     made = await admin.create_list(db, "zone-import")
     total = 60_000
-    lines = ["id,phone,timezone"] + [f"z{i:06d},+1416{i:07d},America/Toronto" for i in range(total)]
+    lines = ["id,phone,timezone"] + [f"z{i:06d},+1416{2_000_000 + i:07d},America/Toronto" for i in range(total)]
     path = csv_file(workdir, "zone.csv", "\n".join(lines) + "\n")
     directors.start()
 
