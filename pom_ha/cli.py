@@ -253,6 +253,22 @@ def bench_import(records: int, as_json: bool, topology_path: str | None) -> None
         f"{r['seconds']} s); {r['pom_ratio']}x POM's 500,000/h"))
 
 
+@bench.command("rules")
+@click.option("--dnc", "dnc", type=click.IntRange(1000, 20_000_000), default=1_000_000, show_default=True,
+              help="numbers in the global DNC list")
+@click.option("--checks", type=click.IntRange(1000, 10_000_000), default=200_000, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@topology_option
+def bench_rules(dnc: int, checks: int, as_json: bool, topology_path: str | None) -> None:
+    """Rule checks per second on one core with a large DNC list and contact strategies (POM_BENCH_BLOCK)."""
+    from pom_ha.bench.rules import run_rules
+
+    r = _run(run_rules(_topology(topology_path), dnc=dnc, checks=checks, echo=click.echo))
+    click.echo(json.dumps(r) if as_json else (
+        f"{r['checks_per_second']:,} checks/s on one core with {r['dnc_numbers']:,} DNC numbers "
+        f"(rules loaded in {r['load_seconds']} s); verdicts {r['verdicts']}"))
+
+
 @bench.command("pacing")
 @click.option("--agents", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--seconds", type=click.FloatRange(60, 7 * 24 * 3600), default=8 * 3600.0, show_default=True,

@@ -264,7 +264,7 @@ async def run_import(base: Topology, *, records: int = 200_000, echo: Callable[[
     from pom_ha.campaign import admin
     from pom_ha.lab.platform import write_demo_csv
 
-    async with bench_lab(base) as bench:
+    async with bench_lab(base, block=int(os.environ.get("POM_BENCH_BLOCK", BLOCK))) as bench:
         servers = [s.name for s in bench.topo.servers]
         for server in servers:
             bench.start("campaign-director", server, "--cache", "off")

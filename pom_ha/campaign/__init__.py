@@ -7,4 +7,8 @@
 - ``schedule``    pure: when a schedule fires, how late, and its next occurrence
 - ``allocation``  pure: which Campaign Manager is least busy
 - ``cli``         the ``pom-ha campaign | list | job`` commands
+- ``service``     campaign administration (campaigns, lists, DNC, strategies, calendars, recurring schedules),
+                  behind ``admin_cli`` (``pom-ha campaign | list | dnc | strategy | schedule``) and the REST
+                  routes of ``pom_ha.web.admin_routes`` (docs/campaign-admin.md)
+- ``recurrence``  pure: rrule / cron occurrences in a zone, holiday calendars
 """

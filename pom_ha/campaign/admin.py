@@ -25,7 +25,10 @@ COMMAND_EVENTS = {"pause": JobEvent.PAUSE, "resume": JobEvent.RESUME, "stop": Jo
 
 
 class AdminError(Exception):
-    """A request that was refused; the message says why and what to do."""
+    """A request that was refused; the message says why and what to do. ``kind``: refused | not_found |
+    conflict (the REST status: 409, 404, 409)."""
+
+    kind = "refused"
 
 
 @dataclass(frozen=True)

@@ -111,10 +111,18 @@ def contact_list() -> None:
 
 @contact_list.command("create")
 @click.argument("name")
+@click.option("--region", default=None, help="default region of national numbers (ISO 3166, e.g. US)")
 @topology_option
-def list_create(name: str, topology_path: str | None) -> None:
-    """Create an empty contact list."""
-    made = _with_db(topology_path, lambda conn: admin.create_list(conn, name))
+def list_create(name: str, region: str | None, topology_path: str | None) -> None:
+    """Create an empty contact list (national numbers of its imports are read in --region)."""
+    from pom_ha.campaign import service
+
+    try:
+        req = service.ListCreate(name=name, default_region=region)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    made = _with_db(topology_path, lambda conn: service.create_list(conn, req))
     click.echo(f"contact list {name!r} created (id {made.id})")
 
 
@@ -288,4 +296,7 @@ def job_purge_schedule(every_s: int, retention_s: int, at: str | None, topology_
     click.echo(f"{made.detail} (schedule {made.id}, first at {first.isoformat()})")
 
 
-COMMANDS = (campaign, contact_list, job)
+from pom_ha.campaign import admin_cli  # noqa: E402  (adds its commands to campaign and list)
+
+COMMANDS: tuple[click.Group, ...] = (campaign, contact_list, job,
+                                     *(getattr(admin_cli, g) for g in ("dnc", "strategy", "schedule")))

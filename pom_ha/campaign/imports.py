@@ -24,6 +24,7 @@ from pom_ha.domain.contact_import import (
     ImportCheckpoint,
     ImportHeaderError,
     ImportResult,
+    PhonePolicy,
     iter_csv_batches,
     iter_row_batches,
 )
@@ -80,8 +81,8 @@ async def run_import(
     refused batch was written)."""
     async with pool.acquire() as conn:
         row = await conn.fetchrow(
-            "SELECT list_id, source_kind, source, state, checkpoint, imported, rejected, last_epoch"
-            " FROM data_imports WHERE id = $1", import_id,
+            "SELECT i.list_id, i.source_kind, i.source, i.state, i.checkpoint, i.imported, i.rejected, i.last_epoch,"
+            " l.default_region FROM data_imports i JOIN contact_lists l ON l.id = i.list_id WHERE i.id = $1", import_id,
         )
         if row is None or row["state"] not in ("queued", "running"):
             return None
@@ -100,16 +101,19 @@ async def run_import(
             "SELECT contact_id FROM contacts WHERE list_id = $1", row["list_id"])}
         handle: TextIO | None = None
         last = checkpoint
+        phones = PhonePolicy(row["default_region"])  # libphonenumber: E.164, list's region, zone from number
         try:
             # Only errors of the SOURCE fail the import (file, encoding, header, a clashing id); database
             # errors propagate, and the next attempt resumes from the committed checkpoint.
             batches: Iterator[ImportResult]
             if row["source_kind"] == "csv":
                 handle = await _open_csv(row["source"])
-                batches = iter_csv_batches(handle, resume_from=checkpoint, known_ids=known, batch_size=batch_size)
+                batches = iter_csv_batches(handle, resume_from=checkpoint, known_ids=known, batch_size=batch_size,
+                                           phones=phones)
             else:
                 rows = await _table_rows(conn, row["source"])
-                batches = iter_row_batches(rows, resume_from=checkpoint, known_ids=known, batch_size=batch_size)
+                batches = iter_row_batches(rows, resume_from=checkpoint, known_ids=known, batch_size=batch_size,
+                                           phones=phones)
             while (batch := _next_batch(batches)) is not None:
                 await _commit_batch(conn, fence, import_id, row["list_id"], batch, timeout_s)
                 last = batch.checkpoint

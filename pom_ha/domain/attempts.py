@@ -178,6 +178,8 @@ class ContactHistory:
 
     dialed_attempts: int = 0
     last_dialed_at: datetime | None = None
+    # dialed attempts on this contact's phone number in the job (any contact), when the caller knows it
+    number_attempts: int | None = None
 
     @classmethod
     def from_attempts(cls, attempts: Sequence[Attempt]) -> ContactHistory:

@@ -21,9 +21,22 @@ from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from pom_ha.domain.contacts import Contact, ContactRejected
+from pom_ha.domain.phones import parse_phone
 
 REQUIRED_COLUMNS = ("id", "phone", "timezone")
 DEFAULT_BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class PhonePolicy:
+    """Numbers checked by libphonenumber (:mod:`pom_ha.domain.phones`): national numbers read in
+    ``default_region``; a row without a time zone takes the one its number fixes (the ``timezone`` column
+    may then be left out)."""
+
+    default_region: str | None = None
+
+    def required(self) -> tuple[str, ...]:
+        return ("id", "phone")
 
 
 class ImportHeaderError(ValueError):
@@ -81,9 +94,11 @@ def iter_csv_batches(
     resume_from: ImportCheckpoint = START,
     known_ids: Container[str] = frozenset(),
     batch_size: int = DEFAULT_BATCH_SIZE,
+    phones: PhonePolicy | None = None,
 ) -> Iterator[ImportResult]:
     """Import CSV text (or an iterable of lines, e.g. a file opened with ``newline=""``) in batches."""
-    return _batches(_csv_records(source, resume_from), resume_from, known_ids, batch_size)
+    required = phones.required() if phones else REQUIRED_COLUMNS
+    return _batches(_csv_records(source, resume_from, required), resume_from, known_ids, batch_size, phones)
 
 
 def import_csv(
@@ -91,9 +106,11 @@ def import_csv(
     *,
     resume_from: ImportCheckpoint = START,
     known_ids: Container[str] = frozenset(),
+    phones: PhonePolicy | None = None,
 ) -> ImportResult:
     """Import all of a CSV source at once; see ``iter_csv_batches``."""
-    return _collect(iter_csv_batches(source, resume_from=resume_from, known_ids=known_ids), resume_from)
+    return _collect(iter_csv_batches(source, resume_from=resume_from, known_ids=known_ids, phones=phones),
+                    resume_from)
 
 
 def iter_row_batches(
@@ -102,9 +119,10 @@ def iter_row_batches(
     resume_from: ImportCheckpoint = START,
     known_ids: Container[str] = frozenset(),
     batch_size: int = DEFAULT_BATCH_SIZE,
+    phones: PhonePolicy | None = None,
 ) -> Iterator[ImportResult]:
     """Import rows of a database table (column name -> value, ``None`` for NULL) in a stable order."""
-    return _batches(_table_records(rows, resume_from), resume_from, known_ids, batch_size)
+    return _batches(_table_records(rows, resume_from), resume_from, known_ids, batch_size, phones)
 
 
 def import_rows(
@@ -133,6 +151,7 @@ def _batches(
     resume_from: ImportCheckpoint,
     known_ids: Container[str],
     batch_size: int,
+    phones: PhonePolicy | None = None,
 ) -> Iterator[ImportResult]:
     """Validate records into batches, each ending with the checkpoint after its last record."""
     if batch_size < 1:
@@ -146,7 +165,7 @@ def _batches(
             line_no = max(line_no, record.last_line)
             break
         line_no = record.last_line
-        outcome = _validate(record, known_ids, seen)
+        outcome = _validate(record, known_ids, seen, phones)
         if isinstance(outcome, Contact):
             seen.add(outcome.id)
             contacts.append(outcome)
@@ -160,10 +179,14 @@ def _batches(
     yield ImportResult(tuple(contacts), tuple(rejects), ImportCheckpoint(line_no, accepted, rejected))
 
 
-def _validate(record: _Record, known_ids: Container[str], seen: set[str]) -> Contact | RowRejected:
+def _validate(
+    record: _Record, known_ids: Container[str], seen: set[str], phones: PhonePolicy | None = None
+) -> Contact | RowRejected:
     raw_id = (record.values.get("id") or "").strip() or None
     if record.problem is not None:
         return RowRejected(record.first_line, record.problem, raw_id)
+    if phones is not None:
+        return _validate_phone(record, known_ids, seen, phones, raw_id)
     missing = [name for name in REQUIRED_COLUMNS if not (record.values.get(name) or "").strip()]
     if missing:
         names = ", ".join(repr(name) for name in missing)
@@ -179,7 +202,31 @@ def _validate(record: _Record, known_ids: Container[str], seen: set[str]) -> Con
     return contact
 
 
-def _column_keys(header: list[str]) -> list[str | None]:
+def _validate_phone(
+    record: _Record, known_ids: Container[str], seen: set[str], phones: PhonePolicy, raw_id: str | None
+) -> Contact | RowRejected:
+    missing = [name for name in phones.required() if not (record.values.get(name) or "").strip()]
+    if missing:
+        names = ", ".join(repr(name) for name in missing)
+        reason = f"missing field {names}" if len(missing) == 1 else f"missing fields {names}"
+        return RowRejected(record.first_line, reason, raw_id)
+    custom = {k: v for k, v in record.values.items() if k not in REQUIRED_COLUMNS}
+    zone = (record.values.get("timezone") or "").strip()
+    try:
+        parsed = parse_phone(record.values["phone"], phones.default_region, want_zone=not zone)
+        if not zone:
+            if parsed.zone is None:
+                raise ContactRejected("no time zone: the number does not fix one; give it in the 'timezone' column")
+            zone = parsed.zone
+        contact = Contact.create(record.values["id"], parsed.e164, zone, custom)
+    except ContactRejected as exc:
+        return RowRejected(record.first_line, str(exc), raw_id)
+    if contact.id in seen or contact.id in known_ids:
+        return RowRejected(record.first_line, f"duplicate id {contact.id!r}", contact.id)
+    return contact
+
+
+def _column_keys(header: list[str], required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[str | None]:
     """Map header cells to value keys: required columns lower-cased, others as written, blanks ignored."""
     keys: list[str | None] = []
     seen: set[str] = set()
@@ -193,13 +240,15 @@ def _column_keys(header: list[str]) -> list[str | None]:
             raise ImportHeaderError(f"header names column {name!r} twice")
         seen.add(folded)
         keys.append(folded if folded in REQUIRED_COLUMNS else name)
-    missing = [name for name in REQUIRED_COLUMNS if name not in seen]
+    missing = [name for name in required if name not in seen]
     if missing:
         raise ImportHeaderError(f"header is missing required column(s): {', '.join(missing)}")
     return keys
 
 
-def _csv_records(source: str | Iterable[str], resume_from: ImportCheckpoint) -> Iterator[_Record | _EndOfSource]:
+def _csv_records(
+    source: str | Iterable[str], resume_from: ImportCheckpoint, required: tuple[str, ...] = REQUIRED_COLUMNS
+) -> Iterator[_Record | _EndOfSource]:
     lines = iter(io.StringIO(source, newline="") if isinstance(source, str) else source)
     reader = csv.reader(lines)
     header = next(reader, None)
@@ -207,7 +256,7 @@ def _csv_records(source: str | Iterable[str], resume_from: ImportCheckpoint) -> 
         raise ImportHeaderError("empty source: no header line")
     if header:
         header[0] = header[0].removeprefix("\ufeff")
-    keys = _column_keys(header)
+    keys = _column_keys(header, required)
     # Lines up to the checkpoint always end at a row boundary, so they are skipped unparsed; the csv
     # reader never reads ahead, so pulling them from the shared iterator keeps it in step.
     skipped = 0

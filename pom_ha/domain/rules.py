@@ -12,15 +12,23 @@ clocks change the window opens at the right instant.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from pom_ha.domain.attempts import CompletionCode, ContactHistory
 from pom_ha.domain.contacts import Contact, ContactRejected, normalize_phone
 from pom_ha.domain.instants import as_utc
+
+
+class Window(Protocol):
+    """What the rules need of a calling window (a daily :class:`CallingWindow`, or a strategy's weekly one)."""
+
+    def contains(self, at: datetime, zone: ZoneInfo) -> bool: ...
+    def earliest_at_or_after(self, at: datetime, zone: ZoneInfo) -> datetime: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +97,20 @@ ALLOWED = RuleVerdict(True, None, None, "allowed")
 
 @dataclass(frozen=True, slots=True)
 class RuleSet:
-    """The rules one Rule Engine applies; ``dnc`` phones are normalised like contacts' phones."""
+    """The rules one Rule Engine applies; ``dnc`` phones are normalised like contacts' phones.
+
+    ``dnc_lists``: further do-not-call sets, already E.164 (named lists loaded from the database, shared by
+    every campaign's rule set, never copied). ``region_windows``: a contact whose region (ISO country of its
+    number, via :func:`pom_ha.domain.phones.region_of`) has an entry is judged by that window instead.
+    ``max_attempts_per_number``: checked when the history says how often the number was dialed."""
 
     dnc: AbstractSet[str] = frozenset()
-    calling_window: CallingWindow = CallingWindow()
+    calling_window: Window = CallingWindow()
     max_attempts: int = 3
     min_gap_between_attempts: timedelta = timedelta(0)
+    dnc_lists: tuple[AbstractSet[str], ...] = ()
+    region_windows: Mapping[str, Window] = field(default_factory=dict, hash=False)
+    max_attempts_per_number: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dnc", normalize_dnc(self.dnc))
@@ -105,10 +121,16 @@ class RuleSet:
 
     def evaluate(self, contact: Contact, history: ContactHistory, now_utc: datetime) -> RuleVerdict:
         now = as_utc(now_utc, "now_utc")
-        if contact.phone in self.dnc:
-            return RuleVerdict(False, CompletionCode.DNC_BLOCKED, None, f"{contact.phone} is on the do-not-call list")
+        if self.is_dnc(contact.phone):
+            return RuleVerdict(False, CompletionCode.DNC_BLOCKED, None,
+                               f"{_mask(contact.phone)} is on a do-not-call list")
         if history.dialed_attempts >= self.max_attempts:
             reason = f"{history.dialed_attempts} attempts made, at most {self.max_attempts} allowed"
+            return RuleVerdict(False, CompletionCode.MAX_ATTEMPTS_REACHED, None, reason)
+        number_attempts = history.number_attempts
+        if self.max_attempts_per_number is not None and number_attempts is not None \
+                and number_attempts >= self.max_attempts_per_number:
+            reason = f"{number_attempts} attempts made on this number, at most {self.max_attempts_per_number} allowed"
             return RuleVerdict(False, CompletionCode.MAX_ATTEMPTS_REACHED, None, reason)
         earliest = now
         reasons: list[str] = []
@@ -118,18 +140,37 @@ class RuleSet:
                 earliest = gap_ends
                 reasons.append(f"minimum gap {self.min_gap_between_attempts} since the last attempt not over")
         zone = contact.zone
-        in_window_now = self.calling_window.contains(now, zone)
+        window = self.window_for(contact.phone)
+        in_window_now = window.contains(now, zone)
         if not in_window_now:
             local = now.astimezone(zone)
-            reasons.append(f"outside calling window {self.calling_window} {zone.key} (local {local:%H:%M})")
-        retry_at = self.calling_window.earliest_at_or_after(earliest, zone)
+            reasons.append(f"outside calling window {window} {zone.key} (local {local:%H:%M})")
+        retry_at = window.earliest_at_or_after(earliest, zone)
         if retry_at == now:
             return ALLOWED
         if in_window_now and retry_at != earliest:
-            reasons.append(f"the gap ends outside calling window {self.calling_window} {zone.key}")
+            reasons.append(f"the gap ends outside calling window {window} {zone.key}")
         code = None if in_window_now else CompletionCode.OUTSIDE_CALLING_WINDOW
         opens = retry_at.astimezone(zone).isoformat()
         return RuleVerdict(False, code, retry_at, f"{'; '.join(reasons)}; retry at {opens}")
+
+
+    def is_dnc(self, phone: str) -> bool:
+        return phone in self.dnc or any(phone in s for s in self.dnc_lists)
+
+    def window_for(self, phone: str) -> Window:
+        if not self.region_windows:
+            return self.calling_window
+        from pom_ha.domain.phones import region_of
+
+        region = region_of(phone)
+        return self.region_windows.get(region or "", self.calling_window)
+
+
+def _mask(phone: str) -> str:
+    from pom_ha.domain.phones import mask
+
+    return mask(phone)
 
 
 def normalize_dnc(phones: Iterable[str]) -> frozenset[str]:

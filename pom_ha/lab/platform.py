@@ -124,7 +124,9 @@ def write_demo_csv(path: Path, contacts: int, *, now: datetime | None = None, se
         out = csv.writer(f)
         out.writerow(["id", "phone", "timezone", "segment"])
         for i in range(contacts):
-            out.writerow([f"demo-{i:06d}", f"+1555{i:07d}", rng.choice(zones), rng.choice(["gold", "silver", "new"])])
+            # valid numbers (libphonenumber checks imports): New York 212, exchanges 200-999
+            out.writerow([f"demo-{i:06d}", f"+1212{2_000_000 + i:07d}", rng.choice(zones),
+                          rng.choice(["gold", "silver", "new"])])
     path.chmod(0o644)
     return contacts
 

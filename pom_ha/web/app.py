@@ -26,6 +26,7 @@ from pom_ha.config import Topology
 from pom_ha.config.addresses import stomp_addresses
 from pom_ha.messaging.runtime import ACTIONS, RuntimeChange, RuntimeChangeError, new_request_id, send_runtime_change
 from pom_ha.status import read_table
+from pom_ha.web.admin_routes import add_admin_routes
 from pom_ha.zones.cli import DEFAULT_GRACE_S, ZoneConfigError, allocate, apply_warning, read_allocation
 
 log = structlog.get_logger("pom_ha.web")
@@ -122,6 +123,7 @@ class RestApi:
         app.router.add_get(f"/{API_VERSION}/zones/{{zone}}/allocation", self.get_allocation)
         app.router.add_put(f"/{API_VERSION}/zones/{{zone}}/allocation", self.put_allocation)
         app.router.add_post(f"/{API_VERSION}/zones/{{zone}}/apply", self.apply_zone)
+        add_admin_routes(app, self._db)  # campaign administration: pom_ha/web/admin_routes.py
         app.on_cleanup.append(self._close)
         return app
 

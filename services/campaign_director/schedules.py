@@ -11,12 +11,14 @@ resumed; the schedule's next occurrence purges.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 from pom_ha.campaign.admin import AdminError, create_job
 from pom_ha.campaign.fenced_tx import fenced_transaction
 from pom_ha.campaign.imports import run_import
+from pom_ha.campaign.recurrence import HolidayCalendar, Recurrence
 from pom_ha.campaign.schedule import Firing, plan_firing
 from services.campaign_director.context import TermContext
 
@@ -39,8 +41,11 @@ class ScheduleDuties:
         """Fire the due schedules of one kind (campaign starts and purges run in separate loops, so a long
         purge never holds a campaign start back)."""
         rows = await self.ctx.fetch(
-            "SELECT s.id, s.kind, s.campaign_id, s.due_at, s.interval_s, s.retention_s, c.name, now() AS now"
+            "SELECT s.id, s.kind, s.campaign_id, s.due_at, s.interval_s, s.retention_s, c.name, now() AS now,"
+            " s.recurrence_kind, s.recurrence, s.recurrence_start, s.tz, h.name AS cal_name, h.country,"
+            " h.subdivision, h.custom_dates"
             " FROM cd_schedules s LEFT JOIN campaigns c ON c.id = s.campaign_id"
+            " LEFT JOIN holiday_calendars h ON h.id = s.calendar_id"
             " WHERE s.state = 'pending' AND s.kind = $1 AND s.due_at <= now() ORDER BY s.due_at, s.id LIMIT 50",
             kind,
         )
@@ -51,11 +56,41 @@ class ScheduleDuties:
                                  master_since=self.ctx.started_db)
             if firing is None:
                 continue
+            if r["recurrence_kind"] is not None:
+                firing, holiday = self._recurring(r, firing)
+                if holiday is not None:
+                    fired += await self._skip_holiday(r, firing, holiday)
+                    continue
             if r["kind"] == "campaign_start":
                 fired += await self._start_campaign(r, firing)
             else:
                 fired += await self._purge(r, firing)
         return fired
+
+    def _recurring(self, r: Any, firing: Firing) -> tuple[Firing, str | None]:
+        """An rrule/cron schedule's firing: its next occurrence after now (holidays skipped) and, when the
+        due occurrence itself falls on a holiday of its calendar (the calendar changed since), the holiday."""
+        calendar = HolidayCalendar(r["cal_name"] or "", r["country"], r["subdivision"],
+                                   frozenset(r["custom_dates"] or []))
+        rec = Recurrence(r["recurrence_kind"], r["recurrence"], r["tz"], r["recurrence_start"] or r["due_at"], calendar)
+        next_due = rec.next_after(firing.now)
+        missed = rec.count_between(firing.due_at, firing.now)
+        firing = replace(firing, next_due=next_due, missed_occurrences=missed)
+        return firing, rec.holiday_of(firing.due_at)
+
+    async def _skip_holiday(self, r: Any, firing: Firing, holiday: str) -> int:
+        what = f"start of campaign {r['name']!r} (schedule {r['id']}) due {firing.due_at.isoformat()}"
+        skipped = await self.ctx.execute(
+            "UPDATE cd_schedules SET state = CASE WHEN $3::timestamptz IS NULL THEN 'skipped' ELSE 'pending' END,"
+            " due_at = coalesce($3, due_at), skipped_count = skipped_count + 1, last_skip = $4, last_epoch = $5"
+            " WHERE id = $1 AND state = 'pending' AND due_at = $2 AND {fence}",
+            r["id"], r["due_at"], firing.next_due, f"{firing.due_at.isoformat()}: {holiday}", self.ctx.epoch)
+        if skipped:
+            self.ctx.log.info("scheduled campaign start skipped: holiday", schedule_id=r["id"], campaign=r["name"],
+                              holiday=holiday, next_due=str(firing.next_due))
+            await self.ctx.event("schedule_skipped_holiday", f"{what} skipped: {holiday}",
+                                 {"schedule_id": r["id"], "holiday": holiday})
+        return 0
 
     async def _mark_fired(self, conn: Any, r: Any, firing: Firing) -> bool:
         moved = await conn.fetchval(

@@ -34,7 +34,7 @@ class RuleEngineDaemon(HADaemon):
         term_log = self._log.bind(service=term.service, epoch=term.epoch)
         book = await self.source.wait_loaded()
         server = RuleServer(term, self.source.rules, is_master=lambda: elector.is_master,
-                            wait_master=elector.wait_master, counts=self.counts)
+                            wait_master=elector.wait_master, counts=self.counts, rules_for=self.source.rules_for)
         self._server = server
         try:
             port = await server.start(self.config.address, self.port)

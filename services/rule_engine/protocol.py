@@ -80,9 +80,18 @@ def parse_request(frame: Mapping[str, Any]) -> Request:
         contact_id=_text(contact, "id", "contact.id"),
         phone=_text(contact, "phone", "contact.phone"),
         timezone=_text(contact, "timezone", "contact.timezone"),
-        history=ContactHistory(dialed, _instant(history.get("last_dial_at"), "history.last_dial_at")),
+        history=ContactHistory(dialed, _instant(history.get("last_dial_at"), "history.last_dial_at"),
+                               _optional_count(history.get("number_attempts"), "history.number_attempts")),
         now=_instant(frame.get("now"), "now"),
     )
+
+
+def _optional_count(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"{name} must be a non-negative integer or absent, got {value!r:.80}")
+    return value
 
 
 def _object(frame: Mapping[str, Any], key: str) -> Mapping[str, Any]:

@@ -52,9 +52,11 @@ class RuleServer:
         self, term: MasterTerm, rules: Callable[[], RuleSet], *, is_master: Callable[[], bool] = lambda: True,
         wait_master: Callable[[], Awaitable[object]] | None = None, counts: ServeCounts | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rules_for: Callable[[str], RuleSet] | None = None,
     ) -> None:
         self.term = term
         self._rules = rules
+        self._rules_for = rules_for
         self._is_master = is_master
         self._wait_master = wait_master
         self.counts = counts or ServeCounts()
@@ -122,7 +124,8 @@ class RuleServer:
     def _answer(self, request: Request) -> dict[str, Any]:
         if not isinstance(request, EvaluateRequest):
             return pong_frame(request.req, self.term.epoch)
-        verdict = judge(self._rules(), request, self._clock())
+        rules = self._rules_for(request.job) if self._rules_for is not None else self._rules()
+        verdict = judge(rules, request, self._clock())
         self.counts.evaluations += 1
         if verdict.allowed:
             self.counts.allowed += 1

@@ -290,14 +290,15 @@ async def test_csv_with_bad_rows_reports_lines_and_imports_good_rows(
         ("t1", "+33123456789", "Europe/Paris", "gold"), ("t2", "+33123456780", "Nowhere/Land", "x"),
         ("t3", "+33123456781", "Europe/Paris", None)])
     from_table = await admin.queue_import(db, "imports", table="cd_test_source")
-    headless = await admin.queue_import(db, "imports", csv_path=str(csv_file(workdir, "no-tz.csv", "id,phone\n1,2\n")))
+    headless = await admin.queue_import(db, "imports",
+                                        csv_path=str(csv_file(workdir, "no-ph.csv", "id,timezone\n1,UTC\n")))
     directors.start("pom1")
 
     async def finished() -> Any:
         return await db.fetchval("SELECT count(*) = 3 FROM data_imports WHERE state IN ('completed', 'failed')")
     await until(finished, "the three imports ended", 20)
     failed = await db.fetchrow("SELECT state, error FROM data_imports WHERE id = $1", headless.id)
-    assert failed["state"] == "failed" and "missing required column(s): timezone" in failed["error"], dict(failed)
+    assert failed["state"] == "failed" and "missing required column(s): phone" in failed["error"], dict(failed)
     row = await db.fetchrow("SELECT imported, rejected, checkpoint, state FROM data_imports WHERE id = $1", queued.id)
     assert (row["imported"], row["rejected"], row["checkpoint"]) == (3, 5, 9), dict(row)
     errors = {r["line"]: r["reason"] for r in await db.fetch(
@@ -629,7 +630,7 @@ async def test_sigkill_mid_import_the_new_master_resumes_it(
     monkeypatch.setenv("POM_CD_IMPORT_BATCH_ROWS", "500")
     made = await admin.create_list(db, "killed-import")
     total = 100_000
-    lines = ["id,phone,timezone"] + [f"k{i:06d},+1415{i:07d},America/Denver" for i in range(total)]
+    lines = ["id,phone,timezone"] + [f"k{i:06d},+1415{2_000_000 + i:07d},America/Denver" for i in range(total)]
     lines[1001] = "bad,12,America/Denver"  # one bad row, line 1002
     path = csv_file(workdir, "killed.csv", "\n".join(lines) + "\n")
     directors.start("pom1", "pom2")
@@ -824,7 +825,7 @@ async def test_a_zone_import_resumes_on_the_zones_next_director(
     monkeypatch.setenv("POM_CD_IMPORT_BATCH_ROWS", "500")
     made = await admin.create_list(db, "zone-import")
     total = 60_000
-    lines = ["id,phone,timezone"] + [f"z{i:06d},+1416{i:07d},America/Toronto" for i in range(total)]
+    lines = ["id,phone,timezone"] + [f"z{i:06d},+1416{2_000_000 + i:07d},America/Toronto" for i in range(total)]
     path = csv_file(workdir, "zone.csv", "\n".join(lines) + "\n")
     directors.start()
 

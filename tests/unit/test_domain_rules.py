@@ -88,7 +88,7 @@ def test_dnc_blocks_for_good_whatever_the_hour() -> None:
     rules = RuleSet(dnc={"+1 (415) 555-0100"})
     for now in (utc(2026, 6, 10, 16, 0), utc(2026, 6, 10, 4, 0)):
         verdict = rules.evaluate(NEW_YORK, NEVER, now)
-        assert verdict == RuleVerdict(False, CC.DNC_BLOCKED, None, "+14155550100 is on the do-not-call list")
+        assert verdict == RuleVerdict(False, CC.DNC_BLOCKED, None, "+14*******00 is on a do-not-call list")
     assert rules.evaluate(contact("America/New_York", "+14155550199"), NEVER, utc(2026, 6, 10, 16, 0)).allowed
 
 
