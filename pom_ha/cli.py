@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import click
 
-from pom_ha.campaign.cli import COMMANDS as CAMPAIGN_COMMANDS
+from pom_ha.campaign.admin_cli import COMMANDS as CAMPAIGN_COMMANDS
 from pom_ha.cli_support import (
     print_component_table,
     print_server_status,

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from pom_ha.campaign import service as svc
 from pom_ha.campaign.admin import AdminError
-from pom_ha.campaign.cli import campaign, contact_list, topology_option
+from pom_ha.campaign.cli import campaign, contact_list, job, topology_option
 from pom_ha.domain.campaigns import InvalidCampaign
 from pom_ha.domain.contact_strategy import InvalidSpec
 
@@ -497,3 +497,7 @@ def schedule_calendar(name: str, country: str | None, subdivision: str | None, d
 
 
 GROUPS = (dnc, strategy, schedule)
+
+
+#: every group of campaign administration, for pom_ha/cli.py (this module adds its commands to campaign and list)
+COMMANDS: tuple[click.Group, ...] = (campaign, contact_list, job, dnc, strategy, schedule)

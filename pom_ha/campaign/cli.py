@@ -294,9 +294,3 @@ def job_purge_schedule(every_s: int, retention_s: int, at: str | None, topology_
     made = _with_db(topology_path, lambda conn: admin.schedule_purge(conn, first_at=first, every_s=every_s,
                                                                      retention_s=retention_s))
     click.echo(f"{made.detail} (schedule {made.id}, first at {first.isoformat()})")
-
-
-from pom_ha.campaign import admin_cli  # noqa: E402  (adds its commands to campaign and list)
-
-COMMANDS: tuple[click.Group, ...] = (campaign, contact_list, job,
-                                     *(getattr(admin_cli, g) for g in ("dnc", "strategy", "schedule")))
