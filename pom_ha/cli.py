@@ -14,6 +14,7 @@ from pom_ha.cli_support import run_or_exit, topology_option, topology_or_exit
 from pom_ha.infra.process import InfraError
 from pom_ha.kafka.cli import kafka_group
 from pom_ha.lab.cli import lab as lab_group
+from pom_ha.web.cli import token_group, user_group
 from pom_ha.zones.cli import zone_group
 from pom_ha.zones.sdk_link import agents_group
 
@@ -347,6 +348,9 @@ main.add_command(kafka_group)
 main.add_command(lab_group)
 # ---- zone: Agent Manager zone allocation, "Save" and "Save and Apply" (pom_ha/zones/cli.py) ------------------
 main.add_command(zone_group)
+# ---- user, token: console / REST API users and API tokens (pom_ha/web/cli.py) ---------------------------------
+main.add_command(user_group)
+main.add_command(token_group)
 # ---- agents: the workspaces scenario (pom_ha/zones/sdk_link.py) --------------------------------------------------
 main.add_command(agents_group)
 
