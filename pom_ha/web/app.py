@@ -25,7 +25,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from pydantic import AfterValidator, BaseModel, Field, Strict, StrictBool
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Strict, StrictBool
 
 from pom_ha.campaign.admin import AdminError, runtime_target
 from pom_ha.config import Topology
@@ -76,10 +76,11 @@ def _request_id(v: str | None) -> str | None:
     return v
 
 
-def _job_id(v: int) -> int:
-    if v < 1 or v > 2**63 - 1:
-        raise ValueError(f"job id must be a positive integer, got {v}")
-    return v
+def _job_id(v: Any) -> int:
+    text = str(v)
+    if isinstance(v, bool) or not text.isdigit() or not 1 <= int(text) <= 2**63 - 1:
+        raise ValueError(f"job id must be a positive integer, got {v!r}")
+    return int(text)
 
 
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
@@ -87,7 +88,7 @@ Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 
 # ---- request models -------------------------------------------------------------------------------------------
 class JobPath(Body):
-    job_id: Annotated[int, AfterValidator(_job_id), Field(ge=1, le=2**63 - 1)]
+    job_id: Annotated[int, BeforeValidator(_job_id), Field(ge=1, le=2**63 - 1)]
 
 
 class ZonePath(Body):
@@ -101,8 +102,8 @@ class RuntimeBody(Body):
     value: Annotated[Number | None, _in("value", 0, MAX_PACING_RATE, low_open=True),
                      Field(description="calls per second, pacing_rate only")] = None
     timeout_s: Annotated[Number | None, _in("timeout_s", 0.5, 300)] = None
-    request_id: Annotated[str | None, AfterValidator(_request_id),
-                          Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")] = None
+    request_id: Annotated[str, AfterValidator(_request_id),
+                          Field(json_schema_extra={"pattern": "^[A-Za-z0-9_-]{8,64}$"})] | None = None
 
 
 class ZoneSaveBody(Body):

@@ -116,7 +116,8 @@ def validation_error(exc: ValidationError, allowed: Iterable[str] = ()) -> ApiEr
     if kind == "missing":
         text = f"{name} is required"
     elif kind == "literal_error":
-        text = f"{name} must be one of {e['ctx']['expected'].replace(chr(39), '')}, got {got}"
+        expected = str(e["ctx"]["expected"]).replace("'", "").replace(" or ", ", ")
+        text = f"{name} must be one of {expected}, got {got}"
     elif kind in ("value_error", "assertion_error"):
         text = str(e["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     elif kind in ("int_parsing", "int_type", "int_from_float"):
@@ -242,6 +243,8 @@ def openapi_document(routes: Iterable[Route], *, title: str, version: str,
             ok["content"] = {r.content_type: {"schema": schema(r.response, "serialization")}}
         elif r.content_type != "application/json":
             ok["content"] = {r.content_type: {"schema": {"type": "string"}}}
+        else:
+            ok["content"] = {r.content_type: {"schema": {"type": "object"}}}
         responses: dict[str, Any] = {str(r.status): ok}
         errors = set(r.errors) | ({400} if (r.request or r.query or r.params) else set())
         if r.role is not None:
