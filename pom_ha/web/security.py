@@ -157,7 +157,8 @@ class Security:
         status = 500
         try:
             resp = await handler(request)
-            status = resp.status
+            # the console answers htmx 200 with the real outcome in X-Pom-Status (htmx swaps 2xx only)
+            status = int(resp.headers.get("X-Pom-Status", resp.status))
             return resp
         except ApiError as exc:
             status = exc.status
