@@ -213,14 +213,20 @@ def _activemq_running(stack: Stack) -> bool:
     return not only or "activemq" in only
 
 
-async def test_pause_and_resume_seen_on_a_second_console(request: pytest.FixtureRequest, stack: Stack,
-                                                         web: dict[str, ProcessRecord], browser: Browser,
-                                                         db: asyncpg.Connection) -> None:
+@pytest.fixture
+def manager(request: pytest.FixtureRequest, stack: Stack) -> tuple[ProcessRecord, str]:
+    """A real Campaign Manager (with Rule Engines and the media simulator) when the stack runs ActiveMQ."""
     if not _activemq_running(stack):
         pytest.skip("needs ActiveMQ and a Campaign Manager (POM_TEST_SERVERS=postgres,activemq)")
+    value: tuple[ProcessRecord, str] = request.getfixturevalue("cm")
+    return value
+
+
+async def test_pause_and_resume_seen_on_a_second_console(stack: Stack, web: dict[str, ProcessRecord],
+                                                         browser: Browser, db: asyncpg.Connection,
+                                                         manager: tuple[ProcessRecord, str]) -> None:
     from tests.integration.test_runtime_changes import cm_on_activemq, running_job, stop_job
 
-    manager: tuple[ProcessRecord, str] = request.getfixturevalue("cm")
     await cm_on_activemq(stack)
     job = await running_job(db, manager[1], 20_000, 5)
     try:
