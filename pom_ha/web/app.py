@@ -618,9 +618,13 @@ def _jsonb(value: Any) -> dict[str, Any]:
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every refusal as JSON ``{"error", "field"?}``; aiohttp's own (404, 405, 413) too; console pages get
-    the same text in an HTML page."""
+    the same text in an HTML page. Every answer carries ``Server-Timing: app;dur=<ms>``."""
+    t0 = time.perf_counter()
     try:
-        return await handler(request)
+        resp = await handler(request)
+        if not resp.prepared:
+            resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.2f}"
+        return resp
     except ApiError as exc:
         body = {"error": str(exc), **({"field": exc.field} if exc.field else {}), **exc.extra}
         if wants_html(request) and route_of(request) is not None and exc.status in (401, 403, 503):

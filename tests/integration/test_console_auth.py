@@ -25,7 +25,7 @@ from yarl import URL
 from pom_ha.infra.process import ProcessRecord
 from pom_ha.infra.stack import Stack
 from pom_ha.web import auth
-from tests.integration.console_helpers import PASSWORDS, base, daemon_logs, login, me, pom_ha, token, web
+from tests.integration.console_helpers import PASSWORDS, base, daemon_logs, login, me, pom_ha, token, wait_for, web
 
 pytestmark = pytest.mark.integration
 __all__ = ["web"]
@@ -215,7 +215,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(stack: Stack, web: di
            "-H", f"Authorization: Bearer {admin}",
            "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,"
                        "content_type_conformance",
-           "--phases", "examples,coverage,fuzzing", "--max-examples", "15", "--workers", "2",
+           "--phases", "examples,coverage,fuzzing", "--max-examples", "8", "--workers", "2",
            "--request-timeout", "20", "--suppress-health-check", "all", "--exclude-path", "/metrics",
            "--seed", "7"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=tmp_path)
@@ -223,3 +223,41 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(stack: Stack, web: di
     assert done.returncode == 0, out[-6000:]
     assert re.search(r"\d+ passed", out) or "passed" in out.lower(), out[-3000:]
     assert admin not in daemon_logs(web)
+
+
+async def test_https_with_the_lab_ca(stack: Stack, web: dict[str, ProcessRecord], tmp_path: Path) -> None:
+    """[web] tls_cert/tls_key: the daemon on pom3 serves HTTPS with a certificate of the lab CA; the session
+    cookie is Secure; plain HTTP is not answered."""
+    import ssl
+
+    from pom_ha.config import dump_topology
+    from pom_ha.infra.process import stop_process
+    from pom_ha.lab.daemons import start_daemon
+    from pom_ha.web.lab import web_certs
+
+    topo = web_certs(stack.topo)
+    tls_file = dump_topology(topo, topo.lab_dir() / "topology-tls.toml")
+    rec = start_daemon(topo, tls_file, "pom3", "rest-api", "--port", "7793")
+    url = f"https://{topo.server('pom3').address}:7793"
+    context = ssl.create_default_context(cafile=str(topo.lab_dir() / "web-tls" / "ca.pem"))
+    try:
+        async with _session(connector=aiohttp.TCPConnector(ssl=context)) as http:
+            async def up() -> bool:
+                assert rec.alive(), daemon_logs({"pom3": rec})[-2000:]
+                try:
+                    async with http.get(url + "/healthz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientConnectorError:
+                    return False
+
+            await wait_for(up, 60, "the HTTPS web daemon on pom3")
+            status, _ = await login(http, url, "t-admin", PASSWORDS["admin"])
+            assert status == 200
+            cookie = next(c for c in http.cookie_jar if c.key == "pom_session")
+            assert cookie["secure"] and cookie["httponly"] and cookie["samesite"] == "Strict"
+        async with aiohttp.ClientSession() as plain:
+            with pytest.raises(aiohttp.ClientError):
+                async with plain.get(url.replace("https", "http") + "/healthz") as resp:
+                    await resp.read()
+    finally:
+        stop_process(rec, topo.lab_dir() / "run")
