@@ -147,12 +147,15 @@ async def token_identity(conn: asyncpg.Connection, token: str) -> Identity | Non
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     row = await conn.fetchrow(
-        "UPDATE api_tokens t SET last_used_at = now() FROM web_users u"
-        " WHERE t.token_hash = $1 AND u.name = t.user_name AND NOT u.disabled AND t.revoked_at IS NULL"
-        "   AND (t.expires_at IS NULL OR t.expires_at > now())"
-        " RETURNING t.user_name, t.role AS token_role, u.role AS user_role, t.prefix", sha256(token))
+        "SELECT t.id, t.user_name, t.role AS token_role, u.role AS user_role, t.prefix,"
+        " (t.last_used_at IS NULL OR t.last_used_at < now() - interval '60 seconds') AS touch"
+        " FROM api_tokens t JOIN web_users u ON u.name = t.user_name"
+        " WHERE t.token_hash = $1 AND NOT u.disabled AND t.revoked_at IS NULL"
+        "   AND (t.expires_at IS NULL OR t.expires_at > now())", sha256(token))
     if row is None:
         return None
+    if row["touch"]:  # last use, to the minute (not a write per request)
+        await conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = $1", row["id"])
     role = min(row["token_role"], row["user_role"], key=lambda r: RANK[r])
     return Identity(row["user_name"], role, "token", token_prefix=row["prefix"])
 
@@ -224,11 +227,14 @@ async def login(conn: asyncpg.Connection, user: str, password: str, *, address: 
 
 async def session_identity(conn: asyncpg.Connection, session_id: str) -> Identity | None:
     row = await conn.fetchrow(
-        "UPDATE web_sessions s SET last_seen = now() FROM web_users u"
-        " WHERE s.id_hash = $1 AND u.name = s.user_name AND NOT u.disabled AND s.ended_at IS NULL"
-        "   AND s.expires_at > now() RETURNING s.user_name, u.role, s.csrf", sha256(session_id))
+        "SELECT s.user_name, u.role, s.csrf, s.last_seen < now() - interval '60 seconds' AS touch"
+        " FROM web_sessions s JOIN web_users u ON u.name = s.user_name"
+        " WHERE s.id_hash = $1 AND NOT u.disabled AND s.ended_at IS NULL AND s.expires_at > now()",
+        sha256(session_id))
     if row is None:
         return None
+    if row["touch"]:
+        await conn.execute("UPDATE web_sessions SET last_seen = now() WHERE id_hash = $1", sha256(session_id))
     return Identity(row["user_name"], row["role"], "session", session_hash=sha256(session_id), csrf=row["csrf"])
 
 

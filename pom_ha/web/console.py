@@ -78,6 +78,7 @@ class Live:
         self.servers_html = ""
         self.servers_at = 0.0
         self.servers_task: asyncio.Task[None] | None = None
+        self.refreshed_at = 0.0
 
     def subscribe(self) -> asyncio.Queue[tuple[str, str]]:
         q: asyncio.Queue[tuple[str, str]] = asyncio.Queue(maxsize=100)
@@ -123,6 +124,9 @@ class Live:
                     with contextlib.suppress(Exception):
                         await conn.close()
 
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
     async def refresh(self, conn: asyncpg.Connection) -> None:
         c = self.console
         self.publish("dbdown", "")
@@ -130,6 +134,7 @@ class Live:
         self.publish("timeline", await c.timeline_html(conn))
         rows = await conn.fetch("SELECT id, state FROM jobs ORDER BY id DESC LIMIT 200")
         self.publish("jobs", json.dumps({str(r["id"]): r["state"] for r in rows}))
+        self.refreshed_at = time.monotonic()
         if time.monotonic() - self.servers_at > SERVERS_POLL_S:
             self.servers_at = time.monotonic()
             self.servers_task = asyncio.create_task(self._servers())
@@ -306,7 +311,11 @@ class Console:
                                 "from it; static pages still work") from None
 
     async def overview(self, request: web.Request, _call: Call) -> web.Response:
-        components = await self._with_conn(self.components_html)
+        # the live poller's table when it is fresh (it refreshes every second and on every lease change)
+        fresh = self.live.running() and time.monotonic() - self.live.refreshed_at < LIVE_POLL_S + 0.5
+        components = self.live.last.get("components") if fresh else None
+        if not components:
+            components = await self._with_conn(self.components_html)
         return self.render("overview.html", request, components=components,
                            servers=self.live.last.get("servers", ""))
 
