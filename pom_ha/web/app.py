@@ -34,6 +34,7 @@ from pom_ha.messaging.runtime import RuntimeChange, RuntimeChangeError, new_requ
 from pom_ha.status import read_table_conn
 from pom_ha.web.auth import Role
 from pom_ha.web.routes import (
+    API_KEY,
     IDENTITY,
     ROUTES_KEY,
     ApiError,
@@ -602,7 +603,6 @@ class RestApi:
                           "allocation (last_apply.result)"}
 
 
-API_KEY: web.AppKey[RestApi] = web.AppKey("pom_rest_api", RestApi)
 
 
 def _jsonb(value: Any) -> dict[str, Any]:

@@ -32,6 +32,9 @@ from pom_ha.web.auth import Identity, Role
 
 ROUTES_KEY: web.AppKey[dict[tuple[str, str], Route]] = web.AppKey("pom_routes", dict)
 IDENTITY: web.RequestKey[Identity] = web.RequestKey("pom_identity", Identity)
+# the application's RestApi (pom_ha.web.app): handlers of any route table reach the database through it,
+# ``request.app[API_KEY].fetch(sql, ...)`` / ``await request.app[API_KEY].db()`` (an asyncpg pool)
+API_KEY: web.AppKey[Any] = web.AppKey("pom_rest_api")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[^}]*)?\}")
 
 
