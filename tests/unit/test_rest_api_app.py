@@ -152,3 +152,22 @@ async def test_a_route_table_plugs_in_with_models_role_and_openapi(tmp_path: Any
                 op = doc["paths"]["/v1/things"]["post"]
                 assert op["x-required-role"] == "admin" and "201" in op["responses"]
                 assert doc["components"]["schemas"]["ThingIn"]["required"] == ["name", "size"]
+
+
+async def test_postgres_down_is_a_503_that_says_so_and_static_files_still_serve(tmp_path: Any) -> None:
+    """No database at this copy's address (nothing listens there): the real auth lookup fails -> 503 naming
+    PostgreSQL (JSON for the API, a page for a browser), never a 500; the console's static files still serve;
+    /healthz says the database is unreachable."""
+    topo = isolated_topology(load_topology(DEFAULT_TOPOLOGY), block=30, lab_dir=str(tmp_path / "lab"))
+    async with TestClient(TestServer(RestApi(topo, "pom1").app())) as c:
+        resp = await c.get("/v1/status")
+        body = await resp.json()
+        assert resp.status == 503 and "PostgreSQL unreachable" in body["error"], body
+        resp = await c.get("/jobs", headers={"Accept": "text/html"})
+        assert resp.status == 503 and "Database unreachable" in await resp.text()
+        resp = await c.get("/static/console.js")
+        assert resp.status == 200 and "EventSource" in await resp.text()
+        resp = await c.get("/login")
+        assert resp.status == 200 and 'name="password"' in await resp.text()
+        resp = await c.get("/healthz")  # open on loopback
+        assert resp.status == 200 and (await resp.json())["database"].startswith("unreachable")
