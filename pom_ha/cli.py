@@ -343,21 +343,23 @@ def bench_kafka_bytes(attempts: int, attempts_per_hour: float, as_json: bool, to
 @click.option("--trials", type=click.IntRange(1, 500), default=20, show_default=True, help="lease takeovers")
 @click.option("--viewers", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--seconds", type=click.FloatRange(1, 600), default=10.0, show_default=True, help="overview load")
+@click.option("--interval", "interval_s", type=click.FloatRange(0, 60), default=1.0, show_default=True,
+              help="seconds between a viewer's reloads (0: back to back)")
 @click.option("--url", default=None, help="a running web daemon (default: an isolated one is started)")
 @click.option("--token", default=None, envvar="POM_CONSOLE_TOKEN", help="viewer token for --url")
 @click.option("--block", type=click.IntRange(2, 250), default=62, show_default=True,
               help="address block of the isolated copy (127.0.BLOCK.N)")
 @click.option("--json", "as_json", is_flag=True)
 @topology_option
-def bench_console(trials: int, viewers: int, seconds: float, url: str | None, token: str | None, block: int,
-                  as_json: bool, topology_path: str | None) -> None:
+def bench_console(trials: int, viewers: int, seconds: float, interval_s: float, url: str | None,
+                  token: str | None, block: int, as_json: bool, topology_path: str | None) -> None:
     """Lease change -> the console's live table showing it (SSE), and the overview's server time under
     concurrent viewers."""
     from pom_ha.bench.console import run_bench as run_console
 
     try:
-        r = _run(run_console(_topology(topology_path), trials=trials, viewers=viewers, seconds=seconds, url=url,
-                             token=token, block=block, echo=click.echo))
+        r = _run(run_console(_topology(topology_path), trials=trials, viewers=viewers, seconds=seconds,
+                             interval_s=interval_s, url=url, token=token, block=block, echo=click.echo))
     except (ValueError, RuntimeError, TimeoutError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -4,7 +4,8 @@
   the console's Server-Sent Events stream delivers a component table showing the new master. Measured
   by an SSE client over ``trials`` takeovers of a bench role between pom1 and pom2 (goal <= 1 s; POM's
   monitor shows stale data for as long as its CD is down, 140 s).
-* **overview**: 20 concurrent viewers load ``/`` in a loop; the server time of each answer is read from
+* **overview**: 20 concurrent viewers each load ``/`` every ``interval_s`` (1 s; 0: back to back, a
+  saturation test rather than viewers); the server time of each answer is read from
   its ``Server-Timing`` header (auth, both database reads and rendering). Goal p99 <= 100 ms.
 
 Self-contained by default: an isolated copy of the topology (PostgreSQL only) with the web daemon on
@@ -62,7 +63,7 @@ def _master_shown(html: str, server: str) -> bool:
 
 
 async def measure(url: str, token: str, dsn: str, trials: int, viewers: int, seconds: float,
-                  echo: Callable[[str], None]) -> dict[str, Any]:
+                  echo: Callable[[str], None], interval_s: float = 1.0) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"}
     conn = await asyncpg.connect(dsn)
     updates: list[float] = []
@@ -103,16 +104,19 @@ async def measure(url: str, token: str, dsn: str, trials: int, viewers: int, sec
                 # the viewers load the overview while a live stream is open, as every open overview has
                 stop_at = time.monotonic() + seconds
 
-                async def viewer() -> None:
+                async def viewer(k: int) -> None:
+                    await asyncio.sleep(interval_s * k / viewers)  # spread the viewers over the interval
                     while time.monotonic() < stop_at:
+                        started = time.monotonic()
                         async with http.get(url + "/", headers={"Accept": "text/html"}) as resp:
                             await resp.read()
                             match = _TIMING.search(resp.headers.get("Server-Timing", ""))
                             if resp.status != 200 or not match:
                                 raise RuntimeError(f"overview answered {resp.status}")
                             server_ms.append(float(match.group(1)))
+                        await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 
-                await asyncio.gather(*(viewer() for _ in range(viewers)))
+                await asyncio.gather(*(viewer(k) for k in range(viewers)))
             finally:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
@@ -121,23 +125,24 @@ async def measure(url: str, token: str, dsn: str, trials: int, viewers: int, sec
         await conn.execute("DELETE FROM ha_member WHERE service = $1", SERVICE)
         await conn.close()
     up = latency_summary(updates)
-    echo(f"  overview: {len(server_ms)} pages for {viewers} concurrent viewers in {seconds:.0f} s")
+    echo(f"  overview: {len(server_ms)} pages for {viewers} concurrent viewers in {seconds:.0f} s "
+         f"(each reloading every {interval_s:g} s; 0: as fast as answered)")
     return {
         "trials": trials, "update_p50_ms": up["p50_ms"], "update_p99_ms": up["p99_ms"], "update_max_ms": up["max_ms"],
         "update_goal_ms": 1000, "pom_monitor_stale_s": POM_MONITOR_STALE_S,
-        "viewers": viewers, "overview_pages": len(server_ms),
+        "viewers": viewers, "viewer_interval_s": interval_s, "overview_pages": len(server_ms),
         "overview_p50_ms": round(percentile(server_ms, 50), 1), "overview_p99_ms": round(percentile(server_ms, 99), 1),
         "overview_goal_p99_ms": 100,
     }
 
 
 async def run_bench(base: Topology, *, trials: int = 20, viewers: int = 20, seconds: float = 10.0,
-                    url: str | None = None, token: str | None = None, block: int = BLOCK,
+                    interval_s: float = 1.0, url: str | None = None, token: str | None = None, block: int = BLOCK,
                     echo: Callable[[str], None] = print) -> dict[str, Any]:
     if url:
         if not token:
             raise ValueError("--url needs --token (pom-ha token create --user U --role viewer)")
-        return await measure(url.rstrip("/"), token, base.postgres.dsn(), trials, viewers, seconds, echo)
+        return await measure(url.rstrip("/"), token, base.postgres.dsn(), trials, viewers, seconds, echo, interval_s)
     from pom_ha.lab.daemons import start_daemon
 
     topo = isolated_topology(base, block=block)
@@ -169,7 +174,7 @@ async def run_bench(base: Topology, *, trials: int = 20, viewers: int = 20, seco
                 if time.monotonic() > deadline:
                     raise RuntimeError("web daemon not answering within 60 s")
                 await asyncio.sleep(0.1)
-        return await measure(web, bench_token, topo.postgres.dsn(), trials, viewers, seconds, echo)
+        return await measure(web, bench_token, topo.postgres.dsn(), trials, viewers, seconds, echo, interval_s)
     finally:
         if rec is not None:
             stop_process(rec, lab / "run")

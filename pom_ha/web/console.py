@@ -52,7 +52,7 @@ LOGIN_CSRF = "pom_login_csrf"
 POM_FAILOVER_S = {"campaign_director": 140.0, "campaign_manager": 300.0, "rule_engine": 45.0,
                   "agent_manager": 40.0, "zone_director": 140.0, "activemq": 140.0}
 LIVE_POLL_S = 1.0
-SERVERS_POLL_S = 5.0
+SERVERS_POLL_S = 10.0
 NAV = [("/", "Overview"), ("/timeline", "HA timeline"), ("/jobs", "Campaigns & jobs"), ("/agents", "Agents"),
        ("/zones", "Zones"), ("/imports", "Imports"), ("/audit", "Audit log")]
 
@@ -290,11 +290,14 @@ class Console:
         stack = Stack(self.api.topo)
 
         async def one(launcher: Any) -> dict[str, str]:
-            try:
-                role = await asyncio.wait_for(launcher.role(), 2.0)
-            except Exception as exc:  # a probe that fails says so; it never breaks the page
-                role = f"unknown ({type(exc).__name__})"
             host, port = launcher.listen_ports()[0]
+            if not await asyncio.to_thread(_listening, host, port):
+                role = "down (nothing listens)"  # no protocol probe (a Kafka client per dead broker is costly)
+            else:
+                try:
+                    role = await asyncio.wait_for(launcher.role(), 2.0)
+                except Exception as exc:  # a probe that fails says so; it never breaks the page
+                    role = f"unknown ({type(exc).__name__})"
             return {"kind": launcher.kind, "server": getattr(launcher.server, "name", "-"),
                     "endpoint": f"{host}:{port}", "role": role}
 
@@ -459,6 +462,16 @@ class Console:
     async def audit(self, request: web.Request, _call: Call) -> web.Response:
         rows = await self.api.fetch("SELECT * FROM audit_log ORDER BY id DESC LIMIT 500")
         return self.render("audit.html", request, entries=rows)
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _ordered(rows: dict[str, Any]) -> list[str]:
