@@ -85,6 +85,10 @@ async def test_sign_in_component_table_and_a_viewer_refused(stack: Stack, web: d
         assert await row.locator('td[data-server="pom1"]').inner_text() == "MASTER"
         assert await row.locator('td[data-server="pom2"]').inner_text() == "DORMANT"
         assert await viewer.inner_text("#who") == "t-viewer (viewer)"
+        # the real servers beside it, live (the stack's PostgreSQL answers; servers not started say so)
+        await viewer.wait_for_selector("#servers-table", timeout=30_000)
+        servers = await viewer.inner_text("#servers-table")
+        assert "postgres" in servers and "primary" in servers, servers
         # the API refuses the operator action with 403, with the session's own CSRF token
         answer = await viewer.evaluate("""async () => {
             const me = await (await fetch('/v1/me')).json();
