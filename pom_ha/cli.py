@@ -21,6 +21,7 @@ from pom_ha.cli_support import (
 from pom_ha.infra.process import InfraError
 from pom_ha.kafka.cli import kafka_group
 from pom_ha.lab.cli import lab as lab_group
+from pom_ha.web.cli import token_group, user_group
 from pom_ha.zones.cli import zone_group
 from pom_ha.zones.sdk_link import agents_group
 
@@ -123,7 +124,7 @@ def db_migrate(topology_path: str | None) -> None:
 # ---- status ------------------------------------------------------------------------------------------
 @main.command("status")
 @click.option("--stale-after", "stale_after_s", type=click.FloatRange(0.5, 3600), default=5.0, show_default=True,
-              help="seconds without a refresh after which a member is shown as GONE?")
+              help="seconds without a refresh after which a member is shown as UNREACHABLE")
 @click.option("--json", "as_json", is_flag=True)
 @topology_option
 def status(stale_after_s: float, as_json: bool, topology_path: str | None) -> None:
@@ -323,6 +324,37 @@ def bench_kafka_bytes(attempts: int, attempts_per_hour: float, as_json: bool, to
         f"{r['baseline_bytes_per_attempt']:.0f} bytes/attempt; the guide's sample {r['guide_bytes_per_attempt']:,}"))
 
 
+@bench.command("console")
+@click.option("--trials", type=click.IntRange(1, 500), default=20, show_default=True, help="lease takeovers")
+@click.option("--viewers", type=click.IntRange(1, 500), default=20, show_default=True)
+@click.option("--seconds", type=click.FloatRange(1, 600), default=10.0, show_default=True, help="overview load")
+@click.option("--interval", "interval_s", type=click.FloatRange(0, 60), default=1.0, show_default=True,
+              help="seconds between a viewer's reloads (0: back to back)")
+@click.option("--url", default=None, help="a running web daemon (default: an isolated one is started)")
+@click.option("--token", default=None, envvar="POM_CONSOLE_TOKEN", help="viewer token for --url")
+@click.option("--block", type=click.IntRange(2, 250), default=62, show_default=True,
+              help="address block of the isolated copy (127.0.BLOCK.N)")
+@click.option("--json", "as_json", is_flag=True)
+@topology_option
+def bench_console(trials: int, viewers: int, seconds: float, interval_s: float, url: str | None,
+                  token: str | None, block: int, as_json: bool, topology_path: str | None) -> None:
+    """Lease change -> the console's live table showing it (SSE), and the overview's server time under
+    concurrent viewers."""
+    from pom_ha.bench.console import run_bench as run_console
+
+    try:
+        r = _run(run_console(_topology(topology_path), trials=trials, viewers=viewers, seconds=seconds,
+                             interval_s=interval_s, url=url, token=token, block=block, echo=click.echo))
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(r) if as_json else (
+        f"lease change -> console shows it, {r['trials']} takeovers: p50 {r['update_p50_ms']} ms, p99 "
+        f"{r['update_p99_ms']} ms (goal <= 1000; POM's monitor: stale for {r['pom_monitor_stale_s']:.0f} s)\n"
+        f"overview under {r['viewers']} viewers: server time p50 {r['overview_p50_ms']} ms, p99 "
+        f"{r['overview_p99_ms']} ms over {r['overview_pages']} pages (goal p99 <= 100)"))
+
+
 # ---- campaign, list, job: campaign administration (pom_ha/campaign/cli.py) -------------------------------
 for _group in CAMPAIGN_COMMANDS:
     main.add_command(_group)
@@ -332,6 +364,9 @@ main.add_command(kafka_group)
 main.add_command(lab_group)
 # ---- zone: Agent Manager zone allocation, "Save" and "Save and Apply" (pom_ha/zones/cli.py) ------------------
 main.add_command(zone_group)
+# ---- user, token: console / REST API users and API tokens (pom_ha/web/cli.py) ---------------------------------
+main.add_command(user_group)
+main.add_command(token_group)
 # ---- agents: the workspaces scenario (pom_ha/zones/sdk_link.py) --------------------------------------------------
 main.add_command(agents_group)
 

@@ -82,6 +82,23 @@ class KafkaSection(_Strict):
     ssl: bool = False
 
 
+class WebSection(_Strict):
+    """The web daemon (REST API + console, pom_ha/web). ``tls_cert``/``tls_key``: PEM files; both set ->
+    HTTPS only (and the session cookie is Secure). ``open_health_on_loopback``: /healthz and /metrics
+    answer loopback clients without a session or token."""
+
+    tls_cert: str = ""
+    tls_key: str = ""
+    open_health_on_loopback: bool = True
+    session_ttl_s: float = Field(8 * 3600.0, ge=60, le=30 * 86400)
+
+    @model_validator(mode="after")
+    def _pair(self) -> WebSection:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("web: tls_cert and tls_key go together (both set, or neither)")
+        return self
+
+
 class ServerSection(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
     address: str
@@ -101,6 +118,7 @@ class Topology(_Strict):
     postgres: PostgresSection = PostgresSection()
     ports: PortsSection = PortsSection()
     kafka: KafkaSection = KafkaSection()
+    web: WebSection = WebSection()
     servers: list[ServerSection]
     zones: list[ZoneSection] = Field(default_factory=lambda: [ZoneSection(name="Default")])
     source: str = ""
@@ -189,7 +207,7 @@ def _toml_value(v: object) -> str:
 def dump_topology(topo: Topology, path: Path) -> Path:
     """Write ``topo`` as a topology file (used to hand an isolated lab's topology to daemons)."""
     out: list[str] = []
-    for section in ("lab", "postgres", "ports", "kafka"):
+    for section in ("lab", "postgres", "ports", "kafka", "web"):
         out.append(f"[{section}]")
         model = getattr(topo, section)
         for key in type(model).model_fields:

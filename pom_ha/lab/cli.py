@@ -45,14 +45,28 @@ def lab_up(demo: bool, contacts: int, calls_per_second: float, topology_path: st
     from pom_ha.status import read_table
 
     topo = _topology(topology_path)
+    if topology_path is None and not topo.web.tls_cert:
+        from pom_ha.web.lab import web_certs
+
+        topo = web_certs(topo)  # the lab's console over HTTPS, certificates from the lab CA
     stack = Stack(topo)
 
     async def go() -> None:
+        from pom_ha.web.lab import ensure_demo_admin, password_file
+
         seconds = await stack.up(progress=lambda m: click.echo(f"  {m}"))
         click.echo(f"servers up in {seconds:.1f} s (lab folder {topo.lab_dir()})")
         start_platform(topo, _topology_file(topo, topology_path), echo=click.echo)
         await wait_platform(topo)
         click.echo("daemons up: every component registered on every server")
+        password = await ensure_demo_admin(topo)
+        scheme = "https" if topo.web.tls_cert else "http"
+        url = f"{scheme}://{topo.servers[0].address}:{topo.ports.rest_api}/"
+        if password:
+            click.echo(f"console: {url} (every server) user admin, password {password} - shown once, kept in "
+                       f"{password_file(topo)} (mode 0600)")
+        else:
+            click.echo(f"console: {url} (every server) user admin, password in {password_file(topo)}")
         if demo:
             click.echo(await create_demo(topo, contacts=contacts, calls_per_second=calls_per_second,
                                          echo=click.echo))

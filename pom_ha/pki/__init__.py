@@ -7,9 +7,9 @@ PKCS12 / JKS stores the Java servers read. Kafka, the desktop port and every lat
 """
 
 from pom_ha.pki.files import CA_NAME, CERT_DAYS, CLIENT_NAME, TRUST_ALIAS, Pki, PkiError, lab_pki, require
-from pom_ha.pki.issue import client_ssl_context, ensure_pki
+from pom_ha.pki.issue import client_ssl_context, ensure_pki, issue_leaf, load_ca
 
 __all__ = [
     "CA_NAME", "CERT_DAYS", "CLIENT_NAME", "TRUST_ALIAS", "Pki", "PkiError", "client_ssl_context", "ensure_pki",
-    "lab_pki", "require",
+    "issue_leaf", "lab_pki", "load_ca", "require",
 ]

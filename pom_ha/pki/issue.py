@@ -24,7 +24,7 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _issue(
+def issue_leaf(
     subject: str,
     key: ec.EllipticCurvePrivateKey,
     issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
@@ -65,7 +65,7 @@ def _issue(
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def _load_ca(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def load_ca(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     try:
         cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     except (OSError, ValueError) as exc:
@@ -94,14 +94,14 @@ def ensure_pki(pki: Pki, brokers: Iterable[tuple[str, str]]) -> list[Path]:
     enc = serialization.BestAvailableEncryption(password)
     if not pki.ca_cert.exists() or not pki.ca_key.exists():
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = _issue(CA_NAME, ca_key, None)
+        ca_cert = issue_leaf(CA_NAME, ca_key, None)
         write_private(pki.ca_key, ca_key.private_bytes(serialization.Encoding.PEM,
                                                         serialization.PrivateFormat.PKCS8, enc))
         write_private(pki.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
         written += [pki.ca_key, pki.ca_cert]
         for stale in pki.dir.glob("*.p12"):  # issued by a CA that is gone
             stale.unlink()
-    ca = _load_ca(pki)
+    ca = load_ca(pki)
     if not pki.truststore.exists():
         trusted = pkcs12.PKCS12Certificate(ca[0], TRUST_ALIAS.encode())
         write_private(pki.truststore, pkcs12.serialize_java_truststore([trusted], enc))
@@ -112,13 +112,13 @@ def ensure_pki(pki: Pki, brokers: Iterable[tuple[str, str]]) -> list[Path]:
             continue
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(address)), x509.DNSName(server)]
-        cert = _issue(server, key, ca, sans=sans,
+        cert = issue_leaf(server, key, ca, sans=sans,
                       usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
         write_private(path, pkcs12.serialize_key_and_certificates(server.encode(), key, cert, [ca[0]], enc))
         written.append(path)
     if not pki.client_keystore.exists() or not pki.client_cert.exists() or not pki.client_key.exists():
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _issue(CLIENT_NAME, key, ca, usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+        cert = issue_leaf(CLIENT_NAME, key, ca, usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
         write_private(pki.client_key, key.private_bytes(serialization.Encoding.PEM,
                                                          serialization.PrivateFormat.PKCS8, enc))
         write_private(pki.client_cert, cert.public_bytes(serialization.Encoding.PEM))

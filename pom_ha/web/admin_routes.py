@@ -3,7 +3,7 @@
 
 Each :class:`AdminRoute` row names method, path, handler, the pydantic model of its JSON body (and of its
 query), the model of its answer and the role it needs: ``viewer`` for reads, ``operator`` for changes,
-``admin`` for deletions. :func:`add_admin_routes` registers the rows on an aiohttp application; the field
+``admin`` for deletions. ``ROUTES`` turns the rows into the web layer's :class:`~pom_ha.web.routes.Route`s; the field
 names follow the web layer's ``Route`` (pom_ha/web/routes.py of the console work) so the auth middleware and
 the OpenAPI document can take the same rows.
 
@@ -14,23 +14,22 @@ runs) or 503 (database unreachable; nothing was done).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpg
 from aiohttp import web
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from pom_ha.campaign import admin
 from pom_ha.campaign import service as svc
 from pom_ha.domain.campaigns import InvalidCampaign
-from pom_ha.domain.contact_strategy import InvalidSpec, validation_errors
+from pom_ha.domain.contact_strategy import InvalidSpec
+from pom_ha.web.routes import API_KEY, ApiError, Route
+from pom_ha.web.routes import Call as WebCall
 
 Role = Literal["viewer", "operator", "admin"]
-PoolGetter = Callable[[], Awaitable[asyncpg.Pool]]
-POOL: web.AppKey[PoolGetter] = web.AppKey("pom_admin_pool", PoolGetter)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -348,62 +347,37 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
 )
 
 
-# ---- registration -------------------------------------------------------------------------------------------
-def _json(status: int, body: Any) -> web.Response:
-    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, default=str))
+# ---- registration: the web layer's route table (pom_ha/web/routes.py) ------------------------------------
+def _as_route(row: AdminRoute) -> Route:
+    """One table row as a :class:`~pom_ha.web.routes.Route`: the web layer validates body and query with the
+    row's models, checks the role and documents it in OpenAPI; this wrapper gives the handler a database
+    connection and turns the service layer's refusals into the API's errors."""
 
-
-def _invalid(exc: InvalidSpec | InvalidCampaign) -> web.Response:
-    if isinstance(exc, InvalidSpec):
-        fields = [f for f, _ in exc.errors]
-    else:
-        fields = [e.field for e in exc.errors]
-    return _json(400, {"error": str(exc), **({"field": fields[0]} if fields else {})})
-
-
-def _wrap(route: AdminRoute) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        body = query = None
+    async def handle(request: web.Request, call: WebCall) -> Any:
+        api = request.app[API_KEY]
         try:
-            if route.request is not None:
-                raw = await request.read()
-                try:
-                    data = json.loads(raw) if raw.strip() else {}
-                except (ValueError, UnicodeDecodeError) as exc:
-                    return _json(400, {"error": f"the body is not valid JSON: {exc}", "field": "body"})
-                body = route.request.model_validate(data)
-            if route.query is not None:
-                query = route.query.model_validate(dict(request.query))
-        except ValidationError as exc:
-            return _invalid(validation_errors("request", exc))
-        try:
-            pool = await request.app[POOL]()
+            pool = await api.db()
             async with pool.acquire(timeout=5) as conn:
-                result = await route.handler(Call(conn, dict(request.match_info), body, query))
+                return await row.handler(Call(conn, dict(request.match_info), call.body, call.query))
         except AdminHttpError as exc:
-            return _json(exc.status, {"error": str(exc), **({"field": exc.field} if exc.field else {})})
-        except (InvalidSpec, InvalidCampaign) as exc:
-            return _invalid(exc)
+            raise ApiError(exc.status, str(exc), field=exc.field) from None
+        except InvalidSpec as exc:
+            raise ApiError(400, str(exc), field=exc.errors[0][0] if exc.errors else None) from None
+        except InvalidCampaign as exc:
+            raise ApiError(400, str(exc), field=exc.errors[0].field if exc.errors else None) from None
         except admin.AdminError as exc:
-            return _json(404 if exc.kind == "not_found" else 409, {"error": str(exc)})
+            raise ApiError(404 if exc.kind == "not_found" else 409, str(exc)) from None
         except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            return _json(503, {"error": f"PostgreSQL unreachable ({type(exc).__name__}); nothing was done"})
-        if isinstance(result, web.StreamResponse):
-            return result
-        if route.response is not None and not isinstance(result, route.response):
-            result = route.response.model_validate(result)
-        payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
-        return _json(route.status, payload)
+            raise ApiError(503, f"PostgreSQL unreachable ({type(exc).__name__}); nothing was done") from None
 
-    handle.__name__ = route.handler.__name__.lstrip("_")
-    return handle
+    handle.__name__ = row.handler.__name__.lstrip("_")
+    handle.__doc__ = row.summary
+    return Route(row.method, row.path, handle, request=row.request, response=row.response, role=row.role,
+                 query=row.query, status=row.status, summary=row.summary, tags=row.tags,
+                 content_type=row.content_type, errors=(400, 404, 409, 503), extra=row.extra)
 
 
-def add_admin_routes(app: web.Application, pool: PoolGetter, routes: tuple[AdminRoute, ...] = ADMIN_ROUTES) -> None:
-    """Register ``routes`` on ``app``; ``pool`` gives the database pool (made on first use)."""
-    app[POOL] = pool
-    for route in routes:
-        app.router.add_route(route.method, route.path, _wrap(route))
+ROUTES: list[Route] = [_as_route(r) for r in ADMIN_ROUTES]
 
 
 def routes_by_role() -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""The REST API (aiohttp): runtime changes of running jobs, zone configuration, the component table.
+"""The web daemon's application (aiohttp): the REST API and the console, behind one auth layer.
 
 Every endpoint takes and returns JSON. A request is refused with a 4xx naming what is wrong (the bad
 field, the unknown job, zone or server) before anything is sent or written; every accepted request ends
@@ -6,13 +6,16 @@ in one explicit answer — applied, refused with the reason, or not applied (503
 The handlers are thin: runtime changes go through :func:`pom_ha.messaging.runtime.send_runtime_change`
 (the CLI's ``job set``), zone configuration through :mod:`pom_ha.zones.cli` (``zone allocate``), the
 component table through :mod:`pom_ha.status` (``status``). See docs/rest-api.md.
+
+Endpoints are rows of a route table (:mod:`pom_ha.web.routes`) carrying their request/response models
+and required role: the same rows validate requests, generate ``/v1/openapi.json`` and drive the auth
+middleware (:mod:`pom_ha.web.security`). Another module's table plugs in with one ``add_routes`` line in
+:meth:`RestApi.app`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,90 +23,67 @@ from typing import Any
 import asyncpg
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from pom_ha.campaign.admin import AdminError, runtime_target
 from pom_ha.config import Topology
 from pom_ha.config.addresses import stomp_addresses
-from pom_ha.messaging.runtime import ACTIONS, RuntimeChange, RuntimeChangeError, new_request_id, send_runtime_change
-from pom_ha.status import read_table
-from pom_ha.web.admin_routes import add_admin_routes
-from pom_ha.zones.cli import DEFAULT_GRACE_S, ZoneConfigError, allocate, apply_warning, read_allocation
+from pom_ha.messaging.runtime import RuntimeChange, RuntimeChangeError, new_request_id, send_runtime_change
+from pom_ha.status import read_table_conn
+from pom_ha.web.admin_routes import ROUTES as ADMIN_ROUTES
+from pom_ha.web.models import (
+    API_VERSION,
+    DEFAULT_RUNTIME_TIMEOUT_S,
+    MAX_BODY_BYTES,
+    Agents,
+    AgentsQuery,
+    Allocation,
+    AuditLog,
+    EventsQuery,
+    HaEvents,
+    Health,
+    Imports,
+    Job,
+    JobPath,
+    Jobs,
+    ListQuery,
+    Me,
+    RuntimeBody,
+    RuntimeResult,
+    StatusQuery,
+    StatusTable,
+    ZoneApplied,
+    ZoneApplyBody,
+    ZonePath,
+    ZoneSaveBody,
+    ZoneSaved,
+)
+from pom_ha.web.models import (
+    who as _who,
+)
+from pom_ha.web.routes import (
+    API_KEY,
+    ROUTES_KEY,
+    ApiError,
+    Call,
+    Route,
+    add_routes,
+    json_response,
+    openapi_document,
+    route_of,
+)
+from pom_ha.web.security import Security, wants_html
+from pom_ha.zones.cli import ZoneConfigError, allocate, apply_warning, read_allocation
 
 log = structlog.get_logger("pom_ha.web")
-API_VERSION = "v1"
-MAX_BODY_BYTES = 64 * 1024
-DEFAULT_RUNTIME_TIMEOUT_S = 10.0
-MAX_PACING_RATE = 100_000.0
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_json = json_response
 
-
-class ApiError(Exception):
-    """A refused request: HTTP status, message and (when one is to blame) the field."""
-
-    def __init__(self, http_status: int, message: str, *, field: str | None = None,
-                 details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.field, self.extra = http_status, field, details or {}
-
-
-def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(body, status=status, headers=headers, dumps=lambda o: json.dumps(o, default=str))
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every refusal as JSON ``{"error", "field"?}``; aiohttp's own (404, 405, 413) too."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        body = {"error": str(exc), **({"field": exc.field} if exc.field else {}), **exc.extra}
-        return _json(exc.status, body, {"Retry-After": "2"} if exc.status == 503 else None)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        what = {404: f"no such resource: {request.method} {request.path}",
-                405: f"method {request.method} not allowed on {request.path}",
-                413: f"request body larger than {MAX_BODY_BYTES} bytes"}.get(exc.status, exc.reason)
-        return _json(exc.status, {"error": what})
-    except Exception:
-        log.exception("REST request failed", method=request.method, path=request.path)
-        return _json(500, {"error": "internal error; see the rest-api daemon's log"})
-
-
-async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    """The JSON object of the request; unknown fields are refused by name."""
-    raw = await request.read()
-    if not raw.strip():
-        raise ApiError(400, "the request needs a JSON object body", field="body")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}", field="body") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}", field="body")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}",
-                       field=unknown[0])
-    return data
-
-
-def _number(data: dict[str, Any], name: str, *, low: float, high: float, default: float | None = None,
-            low_open: bool = False) -> float | None:
-    value = data.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ApiError(400, f"{name} must be a number, got {json.dumps(value)}", field=name)
-    if value > high or value < low or (low_open and value == low):
-        bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
-        raise ApiError(400, f"{name} must be in {bound}, got {value:g}", field=name)
-    return float(value)
+__all__ = ["API_VERSION", "DEFAULT_RUNTIME_TIMEOUT_S", "ApiError", "RestApi"]
 
 
 class RestApi:
-    """The application of one POM server's REST daemon."""
+    """The application of one POM server's web daemon (REST API + console)."""
 
     def __init__(self, topo: Topology, server: str, *, runtime_timeout_s: float = DEFAULT_RUNTIME_TIMEOUT_S) -> None:
         self.topo = topo
@@ -114,16 +94,58 @@ class RestApi:
         self.counts = {"runtime_applied": 0, "runtime_refused": 0, "runtime_unavailable": 0, "zone_saves": 0,
                        "zone_applies": 0, "rejected": 0}
         self._pool: asyncpg.Pool | None = None
+        web_cfg = topo.web
+        self.tls = bool(web_cfg.tls_cert and web_cfg.tls_key)
+        self.security = Security(self._db, server, tls=self.tls,
+                                 open_health_on_loopback=web_cfg.open_health_on_loopback,
+                                 session_ttl_s=web_cfg.session_ttl_s)
+
+    def routes(self) -> list[Route]:
+        v = f"/{API_VERSION}"
+        return [
+            Route("GET", "/healthz", self.health, response=Health, loopback_open=True, errors=(),
+                  summary="liveness and database reachability", tags=("ops",)),
+            Route("GET", "/health", self.health, response=Health, loopback_open=True, errors=(), api=False),
+            Route("GET", "/metrics", self.metrics, loopback_open=True, errors=(), content_type="text/plain",
+                  summary="Prometheus metrics of this web daemon", tags=("ops",)),
+            Route("GET", f"{v}/openapi.json", self.openapi, errors=(), summary="this document", tags=("meta",)),
+            Route("GET", f"{v}/me", self.me, response=Me, errors=(), summary="who is signed in", tags=("meta",)),
+            Route("GET", f"{v}/status", self.status, query=StatusQuery, response=StatusTable, errors=(503,),
+                  summary="the component table (what the leases say)", tags=("ha",)),
+            Route("GET", f"{v}/ha/events", self.ha_events, query=EventsQuery, response=HaEvents, errors=(503,),
+                  summary="HA transitions (lease acquired, taken over, released, lost...)", tags=("ha",)),
+            Route("GET", f"{v}/jobs", self.list_jobs, query=ListQuery, response=Jobs, errors=(503,),
+                  summary="jobs, newest first, with progress", tags=("jobs",)),
+            Route("GET", f"{v}/jobs/{{job_id}}", self.get_job, params=JobPath, response=Job, errors=(404, 503),
+                  summary="one job", tags=("jobs",)),
+            Route("POST", f"{v}/jobs/{{job_id}}/runtime", self.runtime, params=JobPath, request=RuntimeBody,
+                  response=RuntimeResult, role="operator", errors=(404, 409, 503),
+                  summary="pause / resume / pacing rate of a running job", tags=("jobs",)),
+            Route("GET", f"{v}/agents", self.list_agents, query=AgentsQuery, response=Agents, errors=(503,),
+                  summary="agents per zone (Table 9 states)", tags=("agents",)),
+            Route("GET", f"{v}/imports", self.list_imports, query=ListQuery, response=Imports, errors=(503,),
+                  summary="data imports with progress", tags=("imports",)),
+            Route("GET", f"{v}/zones/{{zone}}/allocation", self.get_allocation, params=ZonePath,
+                  response=Allocation, errors=(404, 503), summary="a zone's allocation and last apply",
+                  tags=("zones",)),
+            Route("PUT", f"{v}/zones/{{zone}}/allocation", self.put_allocation, params=ZonePath,
+                  request=ZoneSaveBody, response=ZoneSaved, role="admin", errors=(404, 503),
+                  summary="Save: record a zone's allocation", tags=("zones",)),
+            Route("POST", f"{v}/zones/{{zone}}/apply", self.apply_zone, params=ZonePath, request=ZoneApplyBody,
+                  response=ZoneApplied, role="admin", status=202, errors=(404, 409, 503),
+                  summary="Save and Apply (logs out every agent of the zone; needs confirm)", tags=("zones",)),
+            Route("GET", f"{v}/audit", self.audit_log, query=ListQuery, response=AuditLog, role="admin",
+                  errors=(503,), summary="the audit log, newest first", tags=("admin",)),
+        ]
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
-        app.router.add_get("/health", self.health)
-        app.router.add_get(f"/{API_VERSION}/status", self.status)
-        app.router.add_post(f"/{API_VERSION}/jobs/{{job_id}}/runtime", self.runtime)
-        app.router.add_get(f"/{API_VERSION}/zones/{{zone}}/allocation", self.get_allocation)
-        app.router.add_put(f"/{API_VERSION}/zones/{{zone}}/allocation", self.put_allocation)
-        app.router.add_post(f"/{API_VERSION}/zones/{{zone}}/apply", self.apply_zone)
-        add_admin_routes(app, self._db)  # campaign administration: pom_ha/web/admin_routes.py
+        app = web.Application(middlewares=[_errors, self.security.middleware], client_max_size=MAX_BODY_BYTES)
+        app[API_KEY] = self
+        add_routes(app, self.routes())
+        add_routes(app, ADMIN_ROUTES)  # campaign administration: pom_ha/web/admin_routes.py
+        from pom_ha.web.console import Console
+
+        Console(self).install(app)
         app.on_cleanup.append(self._close)
         return app
 
@@ -132,13 +154,23 @@ class RestApi:
             await self._pool.close()
 
     async def _db(self) -> asyncpg.Pool:
-        """A small pool, made on first use (the daemon starts, and answers /health, without the database)."""
+        """A small pool, made on first use (the daemon starts, and answers /healthz, without the database)."""
         if self._pool is None:
             try:
-                self._pool = await asyncpg.create_pool(self.topo.postgres.dsn(), min_size=0, max_size=4, timeout=5)
+                self._pool = await asyncpg.create_pool(self.topo.postgres.dsn(), min_size=0, max_size=8, timeout=5)
             except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
                 raise self._db_down(exc) from None
         return self._pool
+
+    db = _db
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        pool = await self._db()
+        try:
+            async with pool.acquire(timeout=5) as conn:
+                return list(await conn.fetch(sql, *args, timeout=10))
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise self._db_down(exc) from None
 
     def _db_down(self, exc: BaseException) -> ApiError:
         pg = self.topo.postgres
@@ -150,8 +182,8 @@ class RestApi:
         self.counts["rejected"] += 1
         return ApiError(http_status, message, field=field, details=details)
 
-    # ---- /health, /v1/status -------------------------------------------------------------------------------
-    async def health(self, _request: web.Request) -> web.Response:
+    # ---- ops -------------------------------------------------------------------------------------------------
+    async def health(self, _request: web.Request, _call: Call) -> dict[str, Any]:
         db = "ok"
         try:
             pool = await self._db()
@@ -159,50 +191,105 @@ class RestApi:
                 await conn.fetchval("SELECT 1", timeout=2)
         except (ApiError, OSError, TimeoutError, asyncpg.PostgresError) as exc:
             db = f"unreachable: {exc}"
-        return _json(200, {
-            "service": "rest_api", "server": self.server, "status": "ok", "database": db,
-            "activemq_brokers": [f"{h}:{p}" for h, p in self.brokers], "uptime_s": round(time.time() - self.started, 1),
-            "counts": self.counts,
-        })
+        return {"service": "rest_api", "server": self.server, "status": "ok", "database": db,
+                "activemq_brokers": [f"{h}:{p}" for h, p in self.brokers],
+                "uptime_s": round(time.time() - self.started, 1), "counts": self.counts}
 
-    async def status(self, request: web.Request) -> web.Response:
-        raw = request.query.get("stale_after_s", "5")
+    async def metrics(self, _request: web.Request, _call: Call) -> web.Response:
+        registry = CollectorRegistry()
+        g = Gauge("pom_web_requests", "web daemon request outcomes since start", ["outcome"], registry=registry)
+        for k, n in self.counts.items():
+            g.labels(k).set(n)
+        Gauge("pom_web_uptime_seconds", "seconds since start", registry=registry).set(time.time() - self.started)
+        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+
+    async def openapi(self, request: web.Request, _call: Call) -> web.Response:
+        doc = openapi_document(request.app[ROUTES_KEY].values(), title="pom-ha REST API", version="1.0.0",
+                               server_url=f"{request.scheme}://{request.host}")
+        return _json(200, doc)
+
+    async def me(self, _request: web.Request, call: Call) -> dict[str, Any]:
+        ident = call.identity
+        assert ident is not None
+        return {"user": ident.user, "role": ident.role, "via": ident.via, "csrf": ident.csrf}
+
+    # ---- /v1/status, HA events ------------------------------------------------------------------------------------
+    async def status(self, _request: web.Request, call: Call) -> dict[str, Any]:
+        pool = await self._db()
         try:
-            stale = float(raw)
-        except ValueError:
-            raise self._refuse(400, f"stale_after_s must be a number of seconds, got {raw!r}",
-                               field="stale_after_s") from None
-        if not 0.5 <= stale <= 3600:
-            raise self._refuse(400, f"stale_after_s must be in [0.5, 3600], got {stale:g}", field="stale_after_s")
-        try:
-            table = await read_table(self.topo.postgres.dsn(), [s.name for s in self.topo.servers])
+            async with pool.acquire(timeout=5) as conn:
+                table = await read_table_conn(conn, [s.name for s in self.topo.servers])
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise self._db_down(exc) from None
-        return _json(200, table.as_json(stale))
+        return table.as_json(call.query.stale_after_s)
+
+    async def ha_events(self, _request: web.Request, call: Call) -> dict[str, Any]:
+        q: EventsQuery = call.query
+        rows = await self.fetch(
+            "SELECT id, at, service, scope, server, kind, epoch, decision, detail FROM ha_event"
+            " WHERE id > $1 ORDER BY id DESC LIMIT $2", q.since_id, q.limit)
+        return {"events": [{**dict(r), "detail": _jsonb(r["detail"])} for r in rows]}
+
+    # ---- jobs --------------------------------------------------------------------------------------------------
+    JOBS_SQL = """
+    SELECT j.id, c.name AS campaign, j.zone, j.state, j.state_reason, j.pacing_rate, a.owner_server,
+           (SELECT count(*) FROM job_contacts jc WHERE jc.job_id = j.id) AS contacts,
+           (SELECT count(*) FROM job_contacts jc WHERE jc.job_id = j.id AND jc.state IN ('done', 'filtered_out'))
+               AS done,
+           (SELECT count(*) FROM attempts t WHERE t.job_id = j.id) AS attempts,
+           (SELECT count(*) FROM attempts t WHERE t.job_id = j.id AND t.code = 'answer_human') AS answered,
+           j.created_at, j.started_at, j.ended_at
+      FROM jobs j JOIN campaigns c ON c.id = j.campaign_id
+      LEFT JOIN ha_assignment a ON a.service = 'campaign_manager' AND a.item = 'job:' || j.id
+    """
+
+    async def list_jobs(self, _request: web.Request, call: Call) -> dict[str, Any]:
+        rows = await self.fetch(self.JOBS_SQL + " ORDER BY j.id DESC LIMIT $1", call.query.limit)
+        return {"jobs": [dict(r) for r in rows]}
+
+    async def get_job(self, _request: web.Request, call: Call) -> dict[str, Any]:
+        rows = await self.fetch(self.JOBS_SQL + " WHERE j.id = $1", call.params.job_id)
+        if not rows:
+            raise self._refuse(404, f"unknown job {call.params.job_id}", field="job_id")
+        return dict(rows[0])
+
+    async def list_agents(self, _request: web.Request, call: Call) -> dict[str, Any]:
+        q: AgentsQuery = call.query
+        rows = await self.fetch(
+            "SELECT zone, agent_id, COALESCE(job_state, CASE WHEN logged_in THEN 'Idle' ELSE 'Logged out' END)"
+            " AS state, logged_in, ready, call_state, job_id, nailed, failovers, ha_time_s, updated_at"
+            " FROM agents WHERE ($1::text IS NULL OR zone = $1) ORDER BY zone, agent_id LIMIT $2", q.zone, q.limit)
+        return {"agents": [dict(r) for r in rows]}
+
+    async def list_imports(self, _request: web.Request, call: Call) -> dict[str, Any]:
+        rows = await self.fetch(
+            "SELECT i.id, l.name AS list, i.source_kind, i.state, i.imported, i.rejected, i.error, i.scheduled_at,"
+            " i.started_at, i.finished_at FROM data_imports i JOIN contact_lists l ON l.id = i.list_id"
+            " ORDER BY i.id DESC LIMIT $1", call.query.limit)
+        return {"imports": [dict(r) for r in rows]}
+
+    async def audit_log(self, _request: web.Request, call: Call) -> dict[str, Any]:
+        rows = await self.fetch("SELECT * FROM audit_log ORDER BY id DESC LIMIT $1", call.query.limit)
+        return {"entries": [{**dict(r), "detail": _jsonb(r["detail"])} for r in rows]}
 
     # ---- POST /v1/jobs/{job_id}/runtime --------------------------------------------------------------------
-    async def runtime(self, request: web.Request) -> web.Response:
-        raw_id = request.match_info["job_id"]
-        if not raw_id.isdigit() or int(raw_id) < 1 or int(raw_id) > 2**63 - 1:
-            raise self._refuse(400, f"job id must be a positive integer, got {raw_id!r}", field="job_id")
-        job_id = int(raw_id)
-        data = await _body(request, {"action", "value", "timeout_s", "request_id"})
-        action = data.get("action")
-        if action not in ACTIONS:
-            raise self._refuse(400, f"action must be one of {', '.join(ACTIONS)}, got {json.dumps(action)}",
-                               field="action")
+    async def runtime(self, request: web.Request, call: Call) -> web.Response | dict[str, Any]:
+        job_id: int = call.params.job_id
+        body: RuntimeBody = call.body
+        return await self.runtime_change(job_id, body)
+
+    async def runtime_change(self, job_id: int, body: RuntimeBody) -> web.Response | dict[str, Any]:
+        """The one code path of a runtime change (REST and console alike)."""
+        action = body.action
         rate = None
         if action == "pacing_rate":
-            if data.get("value") is None:
+            if body.value is None:
                 raise self._refuse(400, "value (calls per second) is required for action pacing_rate", field="value")
-            rate = _number(data, "value", low=0, high=MAX_PACING_RATE, low_open=True)
-        elif data.get("value") is not None:
+            rate = body.value
+        elif body.value is not None:
             raise self._refuse(400, f"action {action} takes no value", field="value")
-        timeout_s = _number(data, "timeout_s", low=0.5, high=300, default=self.runtime_timeout_s)
-        assert timeout_s is not None
-        request_id = data.get("request_id") or new_request_id()
-        if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
-            raise self._refuse(400, "request_id must be 8-64 characters of A-Z a-z 0-9 _ -", field="request_id")
+        timeout_s = body.timeout_s if body.timeout_s is not None else self.runtime_timeout_s
+        request_id = body.request_id or new_request_id()
         if not self.brokers:
             raise ApiError(503, "the topology has no ActiveMQ broker; nothing was applied")
         pool = await self._db()
@@ -228,78 +315,115 @@ class RestApi:
             self.counts["runtime_unavailable"] += 1
             log.warning("runtime change not applied", job=job_id, action=action, request=request_id, error=str(exc))
             raise ApiError(503, str(exc), details={"status": "not_applied", "applied": False, **base}) from None
-        body = {**base, "status": reply.status, "applied": reply.status == "applied", "detail": reply.detail,
-                "cm_server": reply.cm_server or None, "cm_instance": reply.cm_instance or None}
+        body_out = {**base, "status": reply.status, "applied": reply.status == "applied", "detail": reply.detail,
+                    "cm_server": reply.cm_server or None, "cm_instance": reply.cm_instance or None}
         if reply.status == "applied":
             self.counts["runtime_applied"] += 1
-            return _json(200, body)
+            return body_out
         self.counts["runtime_refused"] += 1
-        return _json(409, {**body, "error": f"refused by the Campaign Manager: {reply.detail}"})
+        return _json(409, {**body_out, "error": f"refused by the Campaign Manager: {reply.detail}"})
 
     # ---- zones ---------------------------------------------------------------------------------------------
-    def _zone(self, request: web.Request) -> str:
-        zone = request.match_info["zone"]
+    def _zone(self, call: Call) -> str:
+        return self.known_zone(call.params.zone)
+
+    def known_zone(self, zone: str) -> str:
+        """``zone`` if the topology has it, else a 404 naming the topology's zones."""
         zones = [z.name for z in self.topo.zones]
         if zone not in zones:
             raise self._refuse(404, f"unknown zone {zone!r}: the topology's zones are {zones}", field="zone")
         return zone
 
-    def _server(self, data: dict[str, Any]) -> str:
-        server = data.get("server")
+    def _server(self, server: str) -> str:
         servers = [s.name for s in self.topo.servers]
-        if server is None:
-            raise self._refuse(400, f"server is required (one of {servers})", field="server")
         if server not in servers:
             raise self._refuse(400, f"unknown server {json.dumps(server)}: the topology's servers are {servers}",
                                field="server")
-        return str(server)
+        return server
 
-    async def get_allocation(self, request: web.Request) -> web.Response:
-        zone = self._zone(request)
+    async def get_allocation(self, _request: web.Request, call: Call) -> dict[str, Any]:
+        zone = self._zone(call)
         try:
             alloc = await read_allocation(self.topo, zone)
         except ZoneConfigError as exc:
             raise ApiError(503, str(exc)) from None
-        return _json(200, {"zone": zone, "allocated_server": alloc.allocated_server, "last_apply": alloc.last_apply})
+        return {"zone": zone, "allocated_server": alloc.allocated_server, "last_apply": alloc.last_apply}
 
-    async def put_allocation(self, request: web.Request) -> web.Response:
+    async def put_allocation(self, request: web.Request, call: Call) -> dict[str, Any]:
         """"Save": record the allocation only; no agent is touched until it is applied."""
-        zone = self._zone(request)
-        server = self._server(await _body(request, {"server"}))
+        return await self.save_zone(self._zone(call), call.body.server, who=_who(request))
+
+    async def save_zone(self, zone: str, server: str, *, who: str) -> dict[str, Any]:
+        server = self._server(server)
         try:
-            made = await allocate(self.topo, zone, server, apply=False, requested_by=_who(request))
+            made = await allocate(self.topo, zone, server, apply=False, requested_by=who)
         except (ZoneConfigError, OSError, asyncpg.PostgresError) as exc:
             raise ApiError(503, str(exc)) from None
         self.counts["zone_saves"] += 1
-        return _json(200, {"zone": zone, "allocated_server": server, "previous": made.previous, "applied": False,
-                           "detail": f"saved: zone {zone} allocated to {server}; nothing changes until it is "
-                                     f"applied (POST /{API_VERSION}/zones/{zone}/apply)"})
+        return {"zone": zone, "allocated_server": server, "previous": made.previous, "applied": False,
+                "detail": f"saved: zone {zone} allocated to {server}; nothing changes until it is "
+                          f"applied (POST /{API_VERSION}/zones/{zone}/apply)"}
 
-    async def apply_zone(self, request: web.Request) -> web.Response:
+    async def apply_zone(self, request: web.Request, call: Call) -> dict[str, Any]:
         """"Save and Apply": needs ``"confirm": true`` (every agent of the zone is logged out)."""
-        zone = self._zone(request)
-        data = await _body(request, {"server", "confirm", "grace_s"})
-        server = self._server(data)
-        grace = _number(data, "grace_s", low=0, high=600, default=DEFAULT_GRACE_S)
-        assert grace is not None
-        confirm = data.get("confirm", False)
-        if not isinstance(confirm, bool):
-            raise self._refuse(400, f"confirm must be true or false, got {json.dumps(confirm)}", field="confirm")
-        if not confirm:
+        body: ZoneApplyBody = call.body
+        return await self.apply_zone_now(self._zone(call), body, who=_who(request))
+
+    async def apply_zone_now(self, zone: str, body: ZoneApplyBody, *, who: str) -> dict[str, Any]:
+        server = self._server(body.server)
+        if not body.confirm:
             raise self._refuse(409, f"{apply_warning(zone, server)} Nothing was written; send \"confirm\": true "
                                     "to proceed.", field="confirm", details={"warning": apply_warning(zone, server)})
         try:
-            made = await allocate(self.topo, zone, server, apply=True, grace_s=grace, requested_by=_who(request))
+            made = await allocate(self.topo, zone, server, apply=True, grace_s=body.grace_s, requested_by=who)
         except (ZoneConfigError, OSError, asyncpg.PostgresError) as exc:
             raise ApiError(503, str(exc)) from None
         self.counts["zone_applies"] += 1
-        return _json(202, {"zone": zone, "allocated_server": server, "previous": made.previous, "applied": True,
-                           "apply_id": made.apply_id,
-                           "detail": f"saved and applied: the zone's Agent Manager logs its agents out and hands "
-                                     f"zone {zone} to {server}; the outcome is in GET /{API_VERSION}/zones/{zone}/"
-                                     "allocation (last_apply.result)"})
+        return {"zone": zone, "allocated_server": server, "previous": made.previous, "applied": True,
+                "apply_id": made.apply_id,
+                "detail": f"saved and applied: the zone's Agent Manager logs its agents out and hands "
+                          f"zone {zone} to {server}; the outcome is in GET /{API_VERSION}/zones/{zone}/"
+                          "allocation (last_apply.result)"}
 
 
-def _who(request: web.Request) -> str:
-    peer = request.remote or "?"
-    return f"rest-api {peer}"[:200]
+
+
+def _jsonb(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            out = json.loads(value)
+        except ValueError:
+            return {"raw": value}
+        return out if isinstance(out, dict) else {"value": out}
+    return dict(value or {})
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal as JSON ``{"error", "field"?}``; aiohttp's own (404, 405, 413) too; console pages get
+    the same text in an HTML page. Every answer carries ``Server-Timing: app;dur=<ms>``."""
+    t0 = time.perf_counter()
+    try:
+        resp = await handler(request)
+        if not resp.prepared:
+            resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.2f}"
+        return resp
+    except ApiError as exc:
+        body = {"error": str(exc), **({"field": exc.field} if exc.field else {}), **exc.extra}
+        if wants_html(request) and route_of(request) is not None and exc.status in (401, 403, 503):
+            from pom_ha.web.console import error_page
+
+            return error_page(request, exc.status, str(exc))
+        return _json(exc.status, body, {"Retry-After": "2"} if exc.status == 503 else None)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        what = {404: f"no such resource: {request.method} {request.path}",
+                405: f"method {request.method} not allowed on {request.path}",
+                413: f"request body larger than {MAX_BODY_BYTES} bytes"}.get(exc.status, exc.reason)
+        return _json(exc.status, {"error": what})
+    except Exception:
+        log.exception("REST request failed", method=request.method, path=request.path)
+        return _json(500, {"error": "internal error; see the rest-api daemon's log"})
+
+

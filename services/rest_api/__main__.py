@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 
 import structlog
@@ -35,11 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(topo: Topology, server: str, port: int, runtime_timeout_s: float) -> int:
     address = topo.server(server).address
+    try:
+        context = server_ssl_context(topo, server)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"error: [web] tls_cert/tls_key of {server}: {exc}", file=sys.stderr)
+        return 1
     api = RestApi(topo, server, runtime_timeout_s=runtime_timeout_s)
     runner = web.AppRunner(api.app(), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, address, port).start()
+        await web.TCPSite(runner, address, port, ssl_context=context).start()
     except OSError as exc:
         await runner.cleanup()
         print(f"error: cannot listen on {address}:{port}: {exc}", file=sys.stderr)
@@ -48,11 +54,22 @@ async def serve(topo: Topology, server: str, port: int, runtime_timeout_s: float
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("REST API listening", server=server, address=f"{address}:{port}")
+    log.info("REST API and console listening", server=server, address=f"{address}:{port}",
+             tls=context is not None)
     await stop.wait()
     log.info("REST API stopping", server=server)
     await runner.cleanup()
     return 0
+
+
+def server_ssl_context(topo: Topology, server: str) -> ssl.SSLContext | None:
+    """HTTPS when ``[web] tls_cert``/``tls_key`` are set (``{server}`` in them is this server's name)."""
+    if not topo.web.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(topo.web.tls_cert.format(server=server), topo.web.tls_key.format(server=server))
+    return context
 
 
 def main(argv: list[str] | None = None) -> int:

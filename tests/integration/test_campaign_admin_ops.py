@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,7 @@ from pom_ha.domain.attempts import ContactHistory
 from pom_ha.infra.process import stop_process
 from pom_ha.infra.stack import Stack
 from pom_ha.lab.daemons import start_daemon
+from pom_ha.web import auth
 from pom_ha.web.admin_routes import ADMIN_ROUTES
 from pom_ha.web.app import RestApi
 
@@ -160,10 +162,13 @@ async def test_rest_every_operation_and_its_refusals(db: asyncpg.Connection, sta
     assert {r.role for r in ADMIN_ROUTES if r.method == "DELETE"} == {"admin"}
     assert {r.role for r in ADMIN_ROUTES if r.method == "GET"} == {"viewer"}
     api = RestApi(stack.topo, "pom1")
+    if not await db.fetchval("SELECT 1 FROM web_users WHERE name = 'admin-ops-test'"):
+        await auth.add_user(db, "admin-ops-test", "admin", secrets.token_urlsafe(16))
+    bearer = {"Authorization": f"Bearer {await auth.create_token(db, 'admin-ops-test', 'admin')}"}
     async with TestClient(TestServer(api.app())) as http:
 
         async def call(method: str, path: str, status: int, body: Any = None) -> Any:
-            resp = await http.request(method, path, json=body)
+            resp = await http.request(method, path, json=body, headers=bearer)
             text = await resp.text()
             assert resp.status == status, (method, path, resp.status, text)
             return json.loads(text) if resp.content_type == "application/json" else text

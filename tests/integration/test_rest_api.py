@@ -8,6 +8,7 @@ Run: ``POM_TEST_BLOCK=60 POM_TEST_SERVERS=postgres,activemq pytest -q tests/inte
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from pom_ha.infra.activemq import ActiveMQLauncher
 from pom_ha.infra.process import ProcessRecord, log_tail, stop_process
 from pom_ha.infra.stack import Stack
 from pom_ha.lab.daemons import start_daemon
+from pom_ha.web import auth
 from tests.integration.test_campaign_manager import create_job, poll
 from tests.integration.test_runtime_changes import (  # noqa: F401  (fixtures: platform, rules, db, cm)
     cm,
@@ -47,10 +49,23 @@ def rest_daemon(stack: Stack, topology_file: Path) -> Iterator[ProcessRecord]:
         stop_process(rec, stack.topo.lab_dir() / "run")
 
 
+@pytest.fixture(scope="module")
+async def api_token(stack: Stack) -> str:
+    """Every endpoint needs a token: an admin user and its token, made through the library."""
+    conn = await asyncpg.connect(stack.topo.postgres.dsn())
+    try:
+        if not await conn.fetchval("SELECT 1 FROM web_users WHERE name = 'rest-test'"):
+            await auth.add_user(conn, "rest-test", "admin", secrets.token_urlsafe(16))
+        return await auth.create_token(conn, "rest-test", "admin")
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
-async def api(stack: Stack, rest_daemon: ProcessRecord) -> AsyncIterator[Api]:
+async def api(stack: Stack, rest_daemon: ProcessRecord, api_token: str) -> AsyncIterator[Api]:
     client = Api(f"http://{stack.topo.server('pom1').address}:{REST_PORT}")
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90),
+                                     headers={"Authorization": f"Bearer {api_token}"}) as http:
         client.http = http
 
         async def up() -> bool:
@@ -110,7 +125,7 @@ async def test_health_status_and_unknown_paths(api: Api, stack: Stack, db: async
     ("/v1/jobs/1/runtime", None, b"[1, 2]", 400, "body", "JSON object"),
     ("/v1/jobs/1/runtime", None, b"", 400, "body", "JSON object body"),
     ("/v1/jobs/1/runtime", {"action": "speed_up"}, None, 400, "action", "pacing_rate, pause, resume"),
-    ("/v1/jobs/1/runtime", {"value": 5}, None, 400, "action", "got null"),
+    ("/v1/jobs/1/runtime", {"value": 5}, None, 400, "action", "action is required"),
     ("/v1/jobs/1/runtime", {"action": "pacing_rate"}, None, 400, "value", "required"),
     ("/v1/jobs/1/runtime", {"action": "pacing_rate", "value": -3}, None, 400, "value", "(0, 100000]"),
     ("/v1/jobs/1/runtime", {"action": "pacing_rate", "value": 0}, None, 400, "value", "(0, 100000]"),
