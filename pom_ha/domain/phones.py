@@ -55,9 +55,19 @@ _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _CC = phonenumbers.COUNTRY_CODE_TO_REGION_CODE
 
 
-@lru_cache(maxsize=8192)
-def _region_by_prefix(cc: int, prefix: str, probe: int) -> str | None:
-    return phonenumbers.region_code_for_number(PhoneNumber(country_code=cc, national_number=probe))
+_NANPA_AREA: dict[str, str] = {}  # area code -> region (in NANPA an area code belongs to one country)
+
+
+def _region_of(number: PhoneNumber, national: str) -> str | None:
+    if number.country_code != 1:
+        return phonenumbers.region_code_for_number(number)
+    area = national[:3]
+    region = _NANPA_AREA.get(area)
+    if region is None:
+        region = phonenumbers.region_code_for_number(number)
+        if region is not None and len(_NANPA_AREA) < 10_000:
+            _NANPA_AREA[area] = region
+    return region
 
 
 def _fast_e164(text: str) -> ParsedPhone | None:
@@ -77,7 +87,7 @@ def _fast_e164(text: str) -> ParsedPhone | None:
         return None
     number = PhoneNumber(country_code=cc, national_number=int(national))
     regions = _CC[cc]
-    region = regions[0] if len(regions) == 1 else _region_by_prefix(cc, national[:3], int(national))
+    region = regions[0] if len(regions) == 1 else _region_of(number, national)
     if region is None or not phonenumbers.is_valid_number_for_region(number, region):
         return None
     return ParsedPhone(text, region, None)
