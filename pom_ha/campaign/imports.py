@@ -114,7 +114,9 @@ async def run_import(
                 rows = await _table_rows(conn, row["source"])
                 batches = iter_row_batches(rows, resume_from=checkpoint, known_ids=known, batch_size=batch_size,
                                            phones=phones)
-            while (batch := _next_batch(batches)) is not None:
+            # parsing and validating a batch (libphonenumber) is CPU work: off the event loop, so the lease
+            # renewals and heartbeats of this master keep their pace on a loaded machine
+            while (batch := await asyncio.to_thread(_next_batch, batches)) is not None:
                 await _commit_batch(conn, fence, import_id, row["list_id"], batch, timeout_s)
                 last = batch.checkpoint
                 await asyncio.sleep(0)  # let renewals and heartbeats run between batches

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumber, PhoneNumberFormat, PhoneNumberType
@@ -55,9 +56,19 @@ _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _CC = phonenumbers.COUNTRY_CODE_TO_REGION_CODE
 
 
-@lru_cache(maxsize=8192)
-def _region_by_prefix(cc: int, prefix: str, probe: int) -> str | None:
-    return phonenumbers.region_code_for_number(PhoneNumber(country_code=cc, national_number=probe))
+_NANPA_AREA: dict[str, str] = {}  # area code -> region (in NANPA an area code belongs to one country)
+
+
+def _region_of(number: PhoneNumber, national: str) -> str | None:
+    if number.country_code != 1:
+        return phonenumbers.region_code_for_number(number)
+    area = national[:3]
+    region = _NANPA_AREA.get(area)
+    if region is None:
+        region = phonenumbers.region_code_for_number(number)
+        if region is not None and len(_NANPA_AREA) < 10_000:
+            _NANPA_AREA[area] = region
+    return region
 
 
 def _fast_e164(text: str) -> ParsedPhone | None:
@@ -77,10 +88,43 @@ def _fast_e164(text: str) -> ParsedPhone | None:
         return None
     number = PhoneNumber(country_code=cc, national_number=int(national))
     regions = _CC[cc]
-    region = regions[0] if len(regions) == 1 else _region_by_prefix(cc, national[:3], int(national))
-    if region is None or not phonenumbers.is_valid_number_for_region(number, region):
+    region = regions[0] if len(regions) == 1 else _region_of(number, national)
+    if region is None or not _valid_in(region, national):
         return None
     return ParsedPhone(text, region, None)
+
+
+_TypeDesc = tuple[re.Pattern[str], frozenset[int]]
+
+
+@lru_cache(maxsize=512)
+def _descs(region: str) -> tuple[_TypeDesc, tuple[_TypeDesc, ...]] | None:
+    """The region's general description and every number type's, compiled once (libphonenumber's
+    ``is_valid_number_for_region`` looks each pattern up in a cache per call, which is most of its cost)."""
+    md = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    if md is None or md.general_desc is None or md.general_desc.national_number_pattern is None:
+        return None
+
+    def desc(d: Any) -> _TypeDesc:
+        return re.compile(d.national_number_pattern), frozenset(d.possible_length or ())
+
+    types = (md.premium_rate, md.toll_free, md.mobile, md.fixed_line, md.shared_cost, md.voip, md.personal_number,
+             md.pager, md.uan, md.voicemail)
+    return desc(md.general_desc), tuple(desc(d) for d in types if d is not None and d.national_number_pattern)
+
+
+def _valid_in(region: str, national: str) -> bool:
+    """libphonenumber's validity (the number matches its region's general description and one number type,
+    patterns and possible lengths), on precompiled patterns."""
+    descs = _descs(region)
+    if descs is None:
+        return False
+
+    def matches(d: _TypeDesc) -> bool:
+        return (not d[1] or len(national) in d[1]) and d[0].fullmatch(national) is not None
+
+    general, types = descs
+    return matches(general) and any(matches(d) for d in types)
 
 
 def parse_phone(raw: str, default_region: str | None = None, *, want_zone: bool = False) -> ParsedPhone:

@@ -64,6 +64,26 @@ def test_zone_from_the_number_only_where_it_fixes_one() -> None:
     assert parse_phone("+18005550100", want_zone=True).zone is None  # toll free: no zone
 
 
+def test_fast_path_never_accepts_what_libphonenumber_refuses() -> None:
+    import random
+
+    import phonenumbers
+
+    rng = random.Random(19)
+    codes = [1, 1, 1, 7, 33, 39, 44, 49, 55, 61, 81, 86, 91, 352, 358, 590, 971]
+    accepted = 0
+    for _ in range(4000):
+        raw = f"+{rng.choice(codes)}{rng.randrange(10**5, 10**11)}"
+        fast = _fast_e164(raw)
+        if fast is None:
+            continue
+        accepted += 1
+        number = phonenumbers.parse(raw, None)
+        assert phonenumbers.is_valid_number(number), raw
+        assert fast.region == phonenumbers.region_code_for_number(number), raw
+    assert accepted > 50
+
+
 def test_fast_path_agrees_with_libphonenumber_and_mask_hides_digits() -> None:
     assert _fast_e164("+12122000001") is not None and _fast_e164("+15550000001") is None
     assert _fast_e164("+390612345678") is None  # Italian leading zero: the general parser decides
