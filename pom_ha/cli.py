@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from pom_ha.campaign.cli import COMMANDS as CAMPAIGN_COMMANDS
+from pom_ha.chaos.cli import chaos_group
 from pom_ha.cli_support import run_or_exit, topology_option, topology_or_exit
 from pom_ha.infra.process import InfraError
 from pom_ha.kafka.cli import kafka_group
@@ -349,6 +350,8 @@ main.add_command(lab_group)
 main.add_command(zone_group)
 # ---- agents: the workspaces scenario (pom_ha/zones/sdk_link.py) --------------------------------------------------
 main.add_command(agents_group)
+# ---- chaos: the deterministic simulation of the HA core (pom_ha/chaos/cli.py) ----------------------------------
+main.add_command(chaos_group)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pom_ha.chaos.sim.bugs import SafeUntilDebugReturn
-from pom_ha.chaos.sim.loop import SimFuture, SimTask, run_now
+from pom_ha.chaos.sim.loop import SimClock, SimFuture, SimTask, SimTimer, run_now
 from pom_ha.ha.election import Elector
-from pom_ha.ha.fake_store import FakeClock, FakeStatusStore, FakeTimer
+from pom_ha.ha.fake_store import FakeStatusStore
 from pom_ha.ha.fencing import EpochEnvelope, EpochGate, LeaseFence
 from pom_ha.ha.roles import RoleState, SingletonRole
 from pom_ha.ha.settings import HATimings
@@ -54,11 +54,11 @@ class SimConfig:
 
     timings: HATimings = field(default_factory=HATimings)
     nodes: int = 3
-    episodes: tuple[int, int] = (1, 3)
-    fault_hold_s: tuple[float, float] = (0.05, 4.0)
-    quiet_s: tuple[float, float] = (0.0, 1.0)
+    episodes: tuple[int, int] = (1, 2)
+    fault_hold_s: tuple[float, float] = (0.05, 3.5)
+    quiet_s: tuple[float, float] = (0.0, 0.5)
     #: the master's duty interval (its own clock): each tick places one dial, one fenced write, one event
-    work_interval_s: float = 0.1
+    work_interval_s: float = 0.15
     #: clock rate error bound (|rate - 1|); default: :func:`drift_bound`
     max_drift: float | None = None
     max_delay_s: float = 1.5
@@ -247,7 +247,7 @@ class SimPeers:
         if other is None or other.crashed:
             return True  # its connections were reset
         silent = world.clock.now_s - world.contact(me, other)
-        return silent * me.rate > world.timings.heartbeat_dead_after_s
+        return silent * me.rate > world.dead_after_s
 
     def stepped_down(self, instance: str) -> bool:
         world, me = self.world, self.node
@@ -257,7 +257,7 @@ class SimPeers:
         if world.in_contact(me, other):
             return not other.has_live_term()
         silent = world.clock.now_s - world.contact(me, other)
-        if silent * me.rate > world.timings.heartbeat_dead_after_s:
+        if silent * me.rate > world.dead_after_s:
             return False
         return world.last_flag.get((me.index, other.index)) is False
 
@@ -270,7 +270,7 @@ class SimPeers:
             last = world.contact(me, other)
             if last == float("-inf"):
                 return float("-inf")  # a listed peer that never acknowledged a PING
-            until = min(until, me.mono_at(last) + world.timings.heartbeat_fresh_s)
+            until = min(until, me.mono_at(last) + world.fresh_s)
         return until
 
 
@@ -290,7 +290,7 @@ class SimNode:
         self.deferred: list[Callable[[], None]] = []
         self.seen: set[str] = set()
         self.cycle: SimTask | None = None
-        self.cycle_timer: FakeTimer | None = None
+        self.cycle_timer: SimTimer | None = None
         self.wake_pending = False
         self.elector = self._new_elector()
 
@@ -301,7 +301,7 @@ class SimNode:
     def mono_at(self, t: float) -> float:
         return self.origin + t * self.rate
 
-    def call_later(self, delay_s: float, callback: Callable[[], None]) -> FakeTimer:
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> SimTimer:
         gen = self.gen
         return self.world.clock.call_later(max(0.0, delay_s) / self.rate, lambda: self.run(gen, callback))
 
@@ -472,12 +472,15 @@ class World:
         self.tracing = tracing
         self.trace: list[str] = []
         self.rng = random.Random(seed)
-        self.clock = FakeClock(start_s=1_000.0)
+        self._random = self.rng.random
+        self.clock = SimClock(start_s=1_000.0)
         self.t0 = self.clock.now_s
         self.store = FakeStatusStore(self.timings.lease_ttl_ms, self.clock)
         self.store.subscribe(self._notified)
         self.drift = config.drift
         self.bound = recovery_bound_s(self.timings, self.drift)
+        self.dead_after_s = self.timings.heartbeat_dead_after_s
+        self.fresh_s = self.timings.heartbeat_fresh_s
         self.violations: list[Violation] = []
         self.hb_cut: set[int] = set()
         self.last_contact: dict[tuple[int, int], float] = {}
@@ -503,10 +506,10 @@ class World:
 
     def delay(self, net: Net) -> float:
         lo, hi = net.delay
-        return self.rng.uniform(lo, hi)
+        return lo + (hi - lo) * self._random()
 
     def lost(self, net: Net) -> bool:
-        return net.loss > 0.0 and self.rng.random() < net.loss
+        return net.loss > 0.0 and self._random() < net.loss
 
     def violate(self, kind: str, detail: str) -> None:
         self.violations.append(Violation(kind, self.rel(self.clock.now_s), detail))
@@ -545,31 +548,33 @@ class World:
         for node in self.nodes:
             if node.crashed or node.net.cut or self.lost(node.net):
                 continue
-            gen = node.gen
-            self.clock.call_later(self.delay(node.net), lambda n=node, g=gen: n.run(g, n.elector.wake))
+            self.clock.call_later(self.delay(node.net), _waker(node))
 
     # ---- side effects ---------------------------------------------------------------------------------
     def side_effects(self, node: SimNode, epoch: int) -> None:
         self.sinks["dial"].accept(epoch, node)
         net = node.net
-        if not net.cut and not self.lost(net):
-            self.clock.call_later(self.delay(net), lambda: self._land_write(node, epoch))
-        if not net.cut and not self.lost(net):
-            self.clock.call_later(self.delay(net), lambda: self._land_event(node, epoch))
+        if not net.cut and not self.lost(net):  # the fenced write and the event leave together
+            self.clock.call_later(self.delay(net), lambda: self._land(node, epoch))
 
-    def _land_write(self, node: SimNode, epoch: int) -> None:
+    def _land(self, node: SimNode, epoch: int) -> None:
         if node.net.cut:
             return
+        self._land_write(node, epoch)
+        self._land_event(node, epoch)
+
+    def _land_write(self, node: SimNode, epoch: int) -> None:
         fence = LeaseFence(ROLE.service, ROLE.scope, epoch)
-        row = self.store.peek(fence.service, fence.scope)
+        row = self.store.row(fence.service, fence.scope)
         # LeaseFence.select: epoch = $n AND expires_at > now(), on the store's row at the moment it lands
-        holds = row is not None and not row.expired and (row.epoch == fence.epoch or "fence_ignores_epoch" in self.bugs)
+        holds = (
+            row is not None and row.expires_at > self.clock.as_datetime()
+            and (row.epoch == fence.epoch or "fence_ignores_epoch" in self.bugs)
+        )
         if holds:
             self.sinks["db"].accept(epoch, node)
 
     def _land_event(self, node: SimNode, epoch: int) -> None:
-        if node.net.cut:
-            return
         envelope = EpochEnvelope(ROLE.service, ROLE.scope, epoch, None)
         if "no_epoch_gate" in self.bugs or self.gate.admit(envelope):
             self.sinks["event"].accept(epoch, node)
@@ -677,6 +682,11 @@ class World:
                 node.elector.wake()
 
 
+def _waker(node: SimNode) -> Callable[[], None]:
+    gen = node.gen
+    return lambda: node.run(gen, node.elector.wake)
+
+
 def run_schedule(seed: int, *, config: SimConfig | None = None, bugs: frozenset[str] = frozenset(),
                  trace: bool = False) -> ScheduleResult:
     """Run one schedule: start, then 1-3 episodes of (quiet, 1-2 faults held, heal all, wait for a master)."""
@@ -707,7 +717,7 @@ def run_schedule(seed: int, *, config: SimConfig | None = None, bugs: frozenset[
         world.run_until_master()
     # a short tail: late messages of the last episode still land and are judged
     if not world.violations:
-        world.run_for(0.5)
+        world.run_for(0.3)
     return ScheduleResult(
         seed=seed, violations=world.violations, faults=world.faults, episodes=done,
         recoveries_s=world.recoveries, simulated_s=world.clock.now_s - world.t0,
