@@ -668,10 +668,10 @@ class World:
         self.log(f"inject {kind} {name} (rate {node.rate:.4f})")
 
         def healed() -> None:
+            self.log(f"heal {kind} node {node.index + 1}")
             self.refresh_contacts()
             heal()
             self.refresh_contacts()
-            self.log(f"heal {kind} node {node.index + 1}")
 
         return healed
 
