@@ -160,6 +160,13 @@ class SimLink(StatusStore):
                 error: BaseException | None = None
             except StatusStoreError as exc:
                 result, error = None, exc
+            if node.net.delay is _NORMAL_DELAY and node.net.loss == 0.0 and world.clock.now_s <= deadline:
+                # a healthy link: the request's delay was the round trip, the reply lands with it
+                if error is not None:
+                    fut.set_error(error)
+                else:
+                    fut.set_result(result)
+                return
             reply_at = world.clock.now_s + world.delay(node.net)
             if node.net.cut or world.lost(node.net) or reply_at > deadline:
                 world.clock.call_later(max(0.0, deadline - world.clock.now_s), timed_out)
@@ -285,6 +292,7 @@ class SimNode:
         self.origin = 1000.0 * index - 377.0  # each host's monotonic clock has its own origin
         self.net = Net()
         self.gen = 0
+        self.instance = f"pom{index + 1}-0"
         self.paused = False
         self.crashed = False
         self.deferred: list[Callable[[], None]] = []
@@ -315,9 +323,6 @@ class SimNode:
         else:
             callback()
 
-    @property
-    def instance(self) -> str:
-        return f"pom{self.index + 1}-{self.gen}"
 
     @property
     def running(self) -> bool:
@@ -402,6 +407,7 @@ class SimNode:
             term.end("process killed")  # its tasks die with it (nothing else of it runs again)
         self.deferred = []
         self.gen += 1
+        self.instance = f"pom{self.index + 1}-{self.gen}"
 
     def restart(self) -> None:
         self.crashed = False
@@ -517,7 +523,10 @@ class World:
 
     # ---- heartbeats as contact ------------------------------------------------------------------------
     def in_contact(self, a: SimNode, b: SimNode) -> bool:
-        return a.running and b.running and a.index not in self.hb_cut and b.index not in self.hb_cut
+        return (
+            not (a.paused or a.crashed or b.paused or b.crashed)
+            and (not self.hb_cut or (a.index not in self.hb_cut and b.index not in self.hb_cut))
+        )
 
     def contact(self, a: SimNode, b: SimNode) -> float:
         if self.in_contact(a, b):
