@@ -323,7 +323,6 @@ class SimNode:
         else:
             callback()
 
-
     @property
     def running(self) -> bool:
         return not self.paused and not self.crashed
@@ -418,9 +417,14 @@ class SimNode:
         self.start(self.world.rng.uniform(0.0, 0.05))
 
     def resume(self) -> None:
-        deferred, self.deferred = self.deferred, []
-        for callback in deferred:  # overdue timers and replies run before anything new is heard
-            callback()
+        # overdue timers and replies run first, while the node still hears nothing new (contact is frozen
+        # until it is running again); whatever they defer in turn runs too
+        for _ in range(1000):
+            if not self.deferred:
+                break
+            deferred, self.deferred = self.deferred, []
+            for callback in deferred:
+                callback()
         self.paused = False
 
 
