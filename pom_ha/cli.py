@@ -10,6 +10,7 @@ from typing import TypeVar
 import click
 
 from pom_ha.campaign.admin_cli import COMMANDS as CAMPAIGN_COMMANDS
+from pom_ha.chaos.cli import chaos_group
 from pom_ha.cli_support import (
     print_component_table,
     print_server_status,
@@ -369,6 +370,8 @@ main.add_command(user_group)
 main.add_command(token_group)
 # ---- agents: the workspaces scenario (pom_ha/zones/sdk_link.py) --------------------------------------------------
 main.add_command(agents_group)
+# ---- chaos: the deterministic simulation of the HA core (pom_ha/chaos/cli.py) ----------------------------------
+main.add_command(chaos_group)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -122,7 +123,7 @@ class Elector:
         self, store: StatusStore, role: ElectedRole, holder: Holder, timings: HATimings, *,
         peers: PeerView | None = None, clock: Callable[[], float] = time.monotonic,
         call_later: CallLater | None = None, on_event: Callable[[HAEvent], None] | None = None,
-        spread: ClaimSpread | None = None,
+        spread: ClaimSpread | None = None, rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.role = role
@@ -151,6 +152,8 @@ class Elector:
         self._watchdog: TimerHandle | None = None
         self._next_delay_s: float | None = None
         self._backoff = Backoff(initial_s=timings.renew_interval_s / 2, max_s=timings.db_retry_max_backoff_s)
+        if rng is not None:  # a seeded jitter for a deterministic simulation (pom_ha.chaos.sim)
+            self._backoff.rng = rng
         self._log = log.bind(server=holder.server, service=role.service, scope=role.scope)
 
     # ---- public API ---------------------------------------------------------------------------------------
@@ -226,6 +229,13 @@ class Elector:
         """Decide claims of a free lease with ``spread`` from now on (a service's own claim policy, installed
         before the first cycle)."""
         self._spread = spread
+
+    @property
+    def next_delay_s(self) -> float:
+        """Seconds the last cycle asked to wait before the next one (the renew interval unless it said
+        otherwise). :meth:`run` waits this long or until :meth:`wake`; a simulation driving
+        :meth:`run_cycle` on a virtual clock does the same."""
+        return self._next_delay_s if self._next_delay_s is not None else self.timings.renew_interval_s
 
     # ---- the cycle ---------------------------------------------------------------------------------------
     async def run_cycle(self) -> str:
@@ -473,7 +483,7 @@ class Elector:
         while self.state is not RoleState.STOPPED:
             wake.clear()
             await self.run_cycle()
-            delay = self._next_delay_s if self._next_delay_s is not None else self.timings.renew_interval_s
+            delay = self.next_delay_s
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await wake.wait()

@@ -195,6 +195,11 @@ class FakeStatusStore(StatusStore):
         finally:
             self._leave()
 
+    def row(self, service: str, scope: str) -> Lease | None:
+        """The stored row itself (no copy, ``observed_at`` as last written): for simulations that evaluate a
+        fence on it many times (:mod:`pom_ha.chaos.sim`)."""
+        return self._leases.get((service, scope))
+
     def peek(self, service: str, scope: str) -> Lease | None:
         """The current row without going through the (possibly unavailable) call path: for test oracles."""
         cur = self._leases.get((service, scope))

@@ -1,0 +1,1 @@
+"""Chaos testing of pom-ha: a deterministic simulation of the HA core (``pom_ha.chaos.sim``)."""
