@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from pom_ha.campaign.cli import COMMANDS as CAMPAIGN_COMMANDS
+from pom_ha.chaos.cli import chaos as chaos_group
 from pom_ha.cli_support import run_or_exit, topology_option, topology_or_exit
 from pom_ha.infra.process import InfraError
 from pom_ha.kafka.cli import kafka_group
@@ -345,6 +346,7 @@ for _group in CAMPAIGN_COMMANDS:
 main.add_command(kafka_group)
 # ---- lab: the whole local lab with every daemon and the demo campaign (pom_ha/lab/cli.py) -------------------
 main.add_command(lab_group)
+main.add_command(chaos_group)
 # ---- zone: Agent Manager zone allocation, "Save" and "Save and Apply" (pom_ha/zones/cli.py) ------------------
 main.add_command(zone_group)
 # ---- agents: the workspaces scenario (pom_ha/zones/sdk_link.py) --------------------------------------------------
