@@ -338,10 +338,7 @@ def read_events(topo: Any, orgs: list[str], jobs: set[str], timeout_s: float = 6
             for msg in consumer.consume(num_messages=5000, timeout=1.0):
                 if msg.error():
                     continue
-                key = (msg.topic(), msg.partition())
                 off = msg.offset()
-                if key in ends and off is not None and off >= ends[key] - 1:
-                    ends.pop(key, None)
                 try:
                     obj = json.loads(msg.value() or b"null")
                 except json.JSONDecodeError:
@@ -353,6 +350,10 @@ def read_events(topo: Any, orgs: list[str], jobs: set[str], timeout_s: float = 6
                     continue
                 obj["where"] = f"{msg.topic()}[{msg.partition()}]@{off}"
                 out.append(obj)
+            # the position, not the last record, tells the end: transaction markers take offsets too
+            for tp in consumer.position([TopicPartition(t, p) for t, p in ends]):
+                if tp.offset >= ends[(tp.topic, tp.partition)]:
+                    ends.pop((tp.topic, tp.partition), None)
         if ends:
             raise RuntimeError(f"Kafka: could not read to the end of {sorted(ends)} within {timeout_s:.0f} s")
     except KafkaException as exc:

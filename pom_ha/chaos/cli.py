@@ -102,7 +102,7 @@ def run(faults: int, seed: int, concurrency: int, minutes: float | None, kinds: 
         click.echo(json.dumps(summary))
     if result.interrupted:
         sys.exit(130)
-    if result.violations or result.leftovers or result.unrecovered:
+    if result.violations or result.leftovers or result.unrecovered or result.check_error:
         sys.exit(1)
 
 

@@ -97,6 +97,7 @@ class RunResult:
     unrecovered: int = 0
     campaigns_ended: bool = True
     checked: bool = False
+    check_error: str | None = None
     history: Path | None = None
 
     def label(self, rec: FaultRecord) -> str:
@@ -111,6 +112,7 @@ class RunResult:
             "faults": len(self.records), "seed": self.seed, "violations": len(self.violations),
             "violations_by_kind": by_kind(self.violations), "leftovers": self.leftovers,
             "unrecovered": self.unrecovered, "interrupted": self.interrupted, "checked": self.checked,
+            "check_error": self.check_error,
             "campaigns_ended": self.campaigns_ended,
             "recovery_s": {k: {"n": len(v), "p50": round(pct(v, 50), 3), "p99": round(pct(v, 99), 3),
                                "max": round(max(v), 3)} for k, v in sorted(per.items())},
@@ -178,7 +180,7 @@ class Db:
             return datetime.now(UTC) + self.offset, "offset"
 
 
-SERVICES = tuple(SERVICE_OF.values())
+SERVICES = (*SERVICE_OF.values(), "zone_director")
 
 
 class Runner:
@@ -200,9 +202,6 @@ class Runner:
 
     # ---- 1. refuse up front ----------------------------------------------------------------------------
     async def preflight(self) -> None:
-        reasons = refuse_impossible(self.lab, self.opts.kinds)
-        if reasons:
-            raise RunRefused("a fault is impossible on this topology: " + "; ".join(reasons))
         try:
             rows = await self.db.fetch("SELECT service, scope, holder_server FROM ha_lease"
                                        " WHERE expires_at > now() AND holder_server IS NOT NULL")
@@ -225,6 +224,9 @@ class Runner:
         if missing:
             raise RunRefused("the lab is not running as a whole (start it with: pom-ha lab up): "
                              + "; ".join(missing[:12]))
+        reasons = refuse_impossible(self.lab, self.opts.kinds)
+        if reasons:
+            raise RunRefused("a fault is impossible on this topology: " + "; ".join(reasons))
         self.roles = sorted({(r["service"], r["scope"]) for r in rows if r["service"] in SERVICES})
 
     # ---- 2. the run's campaigns --------------------------------------------------------------------------
@@ -314,6 +316,8 @@ class Runner:
                     if res[7:] in AS_OPERATOR:  # runs as the operator, not the server's uid: not cut
                         continue
                 out[svc] = set(servers)
+                if svc == "campaign_director":  # the same daemon runs the zones' Zone Directors
+                    out["zone_director"] = set(servers)
         return out
 
     async def recovered(self, fault: Fault) -> bool:
@@ -501,11 +505,15 @@ class Runner:
                 history.close({"ended_at": ended.isoformat(), "interrupted": self.result.interrupted,
                                "leftovers": self.result.leftovers})
         if self.opts.check and not self.result.interrupted:
-            conn = await self.db.get()
-            ev = await collect(conn, self.topo, jobs=self.jobs, since=started - timedelta(seconds=5),
-                               until=ended + timedelta(seconds=5))
-            self.result.violations = judge(ev)
-            self.result.checked = True
+            try:
+                conn = await self.db.get()
+                ev = await collect(conn, self.topo, jobs=self.jobs, since=started - timedelta(seconds=5),
+                                   until=ended + timedelta(seconds=5))
+                self.result.violations = judge(ev)
+                self.result.checked = True
+            except (OSError, RuntimeError, asyncpg.PostgresError) as exc:
+                self.result.check_error = f"{type(exc).__name__}: {exc}"
+                self.echo(f"the checker could not read the witnesses: {self.result.check_error}")
         await self.db.drop()
         return self.result
 
