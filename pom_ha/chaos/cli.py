@@ -95,14 +95,17 @@ def run(faults: int, seed: int, concurrency: int, minutes: float | None, kinds: 
         click.echo(v.render())
     for left in result.leftovers:
         click.echo(f"LEFTOVER {left}")
+    for crash in result.crashes:
+        click.echo(f"CRASH {crash}")
     summary = result.summary()
     click.echo(f"faults {summary['faults']}, seed {seed}, violations {summary['violations']}, "
-               f"leftovers {len(result.leftovers)}, unrecovered {result.unrecovered}, history {history}")
+               f"leftovers {len(result.leftovers)}, unrecovered {result.unrecovered}, crashes {len(result.crashes)}, "
+               f"history {history}")
     if as_json:
         click.echo(json.dumps(summary))
     if result.interrupted:
         sys.exit(130)
-    if result.violations or result.leftovers or result.unrecovered or result.check_error:
+    if result.violations or result.leftovers or result.unrecovered or result.crashes or result.check_error:
         sys.exit(1)
 
 

@@ -540,11 +540,21 @@ class ServerKill(Fault):
                 await asyncio.to_thread(lab.kill_infra, k, self.server)
 
     async def _heal(self, lab: LabControl) -> None:
+        # every part is started even when another fails to start; the failures are raised together after
+        errors: list[str] = []
         for k in ("zookeeper", "kafka", "activemq", "ignite"):
             if self.server in lab.infra_on(k):
-                await lab.start_infra(k, self.server)
+                try:
+                    await lab.start_infra(k, self.server)
+                except Exception as exc:
+                    errors.append(f"{k}: {type(exc).__name__}: {str(exc)[:200]}")
         for d in lab.daemons_on(self.server):
-            await lab.start_daemon(d, self.server)
+            try:
+                await lab.start_daemon(d, self.server)
+            except Exception as exc:
+                errors.append(f"{d}: {type(exc).__name__}: {str(exc)[:200]}")
+        if errors:
+            raise FaultError(f"restart of {self.server} incomplete: " + "; ".join(errors))
 
 
 @dataclass

@@ -95,6 +95,7 @@ class RunResult:
     leftovers: list[str] = field(default_factory=list)
     interrupted: bool = False
     unrecovered: int = 0
+    crashes: list[str] = field(default_factory=list)
     campaigns_ended: bool = True
     checked: bool = False
     check_error: str | None = None
@@ -111,7 +112,8 @@ class RunResult:
         return {
             "faults": len(self.records), "seed": self.seed, "violations": len(self.violations),
             "violations_by_kind": by_kind(self.violations), "leftovers": self.leftovers,
-            "unrecovered": self.unrecovered, "interrupted": self.interrupted, "checked": self.checked,
+            "unrecovered": self.unrecovered, "crashes": self.crashes, "interrupted": self.interrupted,
+            "checked": self.checked,
             "check_error": self.check_error,
             "campaigns_ended": self.campaigns_ended,
             "recovery_s": {k: {"n": len(v), "p50": round(pct(v, 50), 3), "p99": round(pct(v, 99), 3),
@@ -199,6 +201,7 @@ class Runner:
         self._lock = asyncio.Lock()
         self._count = 0
         self._deadline: float | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     # ---- 1. refuse up front ----------------------------------------------------------------------------
     async def preflight(self) -> None:
@@ -320,7 +323,8 @@ class Runner:
                     out["zone_director"] = set(servers)
         return out
 
-    async def recovered(self, fault: Fault) -> bool:
+    async def recovered(self, fault: Fault) -> str | None:
+        """None when the system has recovered from ``fault``; otherwise what is still missing."""
         excluded = self.excluded(fault)
         try:
             rows = await self.db.fetch("SELECT service, scope, holder_server, expires_at > now() AS valid"
@@ -328,8 +332,10 @@ class Runner:
             leases = {(r["service"], r["scope"]): r for r in rows}
             for role in self.roles:
                 r = leases.get(role)
-                if r is None or not r["valid"] or r["holder_server"] in excluded.get(role[0], set()):
-                    return False
+                if r is None or not r["valid"]:
+                    return f"no master of {role[0]}/{role[1]}"
+                if r["holder_server"] in excluded.get(role[0], set()):
+                    return f"{role[0]}/{role[1]} still held by {r['holder_server']}"
             lost_cm = excluded.get("campaign_manager")
             if lost_cm:
                 left = await self.db.fetch(
@@ -337,13 +343,13 @@ class Runner:
                     " WHERE a.service = 'campaign_manager' AND a.owner_server = ANY($1::text[])"
                     " AND j.state NOT IN ('Completed', 'Stopped') LIMIT 1", sorted(lost_cm))
                 if left:
-                    return False
-        except Exception:
-            return False
+                    return f"{left[0]['item']} still assigned to {sorted(lost_cm)}"
+        except Exception as exc:  # the database is down or cut: not recovered yet
+            return f"database: {type(exc).__name__}"
         for kind, servers in fault.down(self.lab).items():
             if kind in INFRA_KINDS and not await self.lab.infra_serving(kind, servers):
-                return False
-        return True
+                return f"{kind} not serving without {sorted(servers)}"
+        return None
 
     async def whole(self, fault: Fault) -> bool:
         for res, servers in fault.down(self.lab).items():
@@ -386,14 +392,17 @@ class Runner:
             try:
                 await fault.inject(self.lab)
                 deadline = t0 + self.opts.recovery_timeout_s
+                missing: str | None = "not checked"
                 while time.monotonic() < deadline:
-                    if await self.recovered(fault):
+                    missing = await self.recovered(fault)
+                    if missing is None:
                         rec.recovery_s = time.monotonic() - t0
                         rec.recovered_at = rec.injected_at + timedelta(seconds=rec.recovery_s)
                         break
                     await asyncio.sleep(0.1)
                 if rec.recovery_s is None:
                     self.result.unrecovered += 1
+                    rec.error = f"still missing: {missing}"
                 await asyncio.sleep(self.rng.uniform(*self.opts.hold_s))
             except Exception as exc:
                 rec.error = f"{type(exc).__name__}: {exc}"
@@ -402,7 +411,10 @@ class Runner:
         healed, clock2 = await self.db.clock()
         rec.healed_at = healed
         deadline = time.monotonic() + self.opts.whole_timeout_s
-        while time.monotonic() < deadline and not await self.whole(fault):  # noqa: ASYNC110 - polls processes
+        while not await self.whole(fault):
+            if time.monotonic() > deadline:
+                rec.error = (rec.error + "; " if rec.error else "") + "not whole again after the heal"
+                break
             await asyncio.sleep(0.5)
         self.result.records.append(rec)
         history.fault({**fault.as_json(), "injected_at": rec.injected_at.isoformat(),
@@ -435,6 +447,38 @@ class Runner:
         if isinstance(self.lab, ProcessLab) and self.lab.infra_on("ignite"):
             with contextlib.suppress(Exception):
                 await self.lab.stack.heal_ignite(settle_s=60)
+
+    async def watchdog(self) -> None:
+        """The lab's supervisor (systemd's ``Restart=on-failure`` in a deployment): a daemon or server process
+        that died while no fault of the run targets it crashed on its own; it is recorded as a finding
+        (``crashes``) and started again, so the campaign goes on."""
+        while True:
+            await asyncio.sleep(2.0)
+            busy: set[str] = set()
+            for f in self.active:
+                for servers in f.down(self.lab).values():
+                    busy |= servers
+            if any(getattr(f, "kind", "") == "postgres-restart" for f in self.active):
+                continue
+            for s in self.lab.servers:
+                if s in busy:
+                    continue
+                dead = [d for d in self.lab.daemons_on(s) if not self.lab.daemon_alive(d, s)]
+                if isinstance(self.lab, ProcessLab):
+                    dead += [k for k in INFRA_KINDS if s in self.lab.infra_on(k)
+                             and not self.lab.stack.launcher(k, s).running()]
+                for what in dead:
+                    at, _ = await self.db.clock()
+                    note = f"{what}@{s} died without a fault at {at.isoformat()}; restarted"
+                    self.result.crashes.append(note)
+                    self.echo(f"CRASH {note}")
+                    try:
+                        if what in INFRA_KINDS:
+                            await self.lab.start_infra(what, s)
+                        else:
+                            await self.lab.start_daemon(what, s)
+                    except Exception as exc:
+                        self.echo(f"  restart of {what}@{s} failed: {type(exc).__name__}: {str(exc)[:200]}")
 
     # ---- 4. end ------------------------------------------------------------------------------------------
     async def wait_campaigns(self) -> bool:
@@ -477,6 +521,7 @@ class Runner:
                                      "minutes": self.opts.minutes, "kinds": list(self.opts.kinds)}})
             if self.opts.minutes is not None:
                 self._deadline = time.monotonic() + self.opts.minutes * 60
+            self._watchdog = asyncio.create_task(self.watchdog())
             workers = [asyncio.create_task(self.worker(history)) for _ in range(max(1, self.opts.concurrency))]
             try:
                 await asyncio.gather(*workers)
@@ -487,6 +532,8 @@ class Runner:
         except asyncio.CancelledError:
             self.result.interrupted = True
         finally:
+            if self.result.interrupted and self._watchdog is not None:
+                self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self.heal_all())
             self.result.leftovers = await asyncio.to_thread(self.lab.leftovers)
@@ -499,6 +546,9 @@ class Runner:
                 self.result.campaigns_ended = await self.wait_campaigns()
                 await asyncio.sleep(3.0)  # events queued in the producers reach Kafka
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                await asyncio.gather(self._watchdog, return_exceptions=True)
             self._stop_desktops()
             ended, _ = await self.db.clock()
             if history._out is not None:
