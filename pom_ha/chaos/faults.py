@@ -580,11 +580,13 @@ class Partition(Fault):
                 out[k] = {self.server}
         return out
 
+    # on the loop's thread (a few iptables calls): a cancelled run must not leave a thread adding rules after
+    # the heal removed them
     async def _inject(self, lab: LabControl) -> None:
-        await asyncio.to_thread(lab.cut, self.server, self.scope)
+        lab.cut(self.server, self.scope)
 
     async def _heal(self, lab: LabControl) -> None:
-        await asyncio.to_thread(lab.uncut, self.server, self.scope)
+        lab.uncut(self.server, self.scope)
 
 
 @dataclass

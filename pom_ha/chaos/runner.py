@@ -202,6 +202,8 @@ class Runner:
         self._count = 0
         self._deadline: float | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._heals: set[asyncio.Future[None]] = set()
+        self._injected: list[Fault] = []  # every fault drawn; heal_all heals those still injected
 
     # ---- 1. refuse up front ----------------------------------------------------------------------------
     async def preflight(self) -> None:
@@ -376,6 +378,7 @@ class Runner:
                     self._count += 1
                     n = self._count
                     self.active.append(fault)
+                    self._injected.append(fault)
             if fault is None:
                 await asyncio.sleep(0.5)
                 continue
@@ -407,7 +410,10 @@ class Runner:
             except Exception as exc:
                 rec.error = f"{type(exc).__name__}: {exc}"
         finally:
-            await asyncio.shield(self._heal(fault, rec))
+            heal = asyncio.ensure_future(self._heal(fault, rec))
+            self._heals.add(heal)
+            heal.add_done_callback(self._heals.discard)
+            await asyncio.shield(heal)  # a cancel stops this wait, not the heal: heal_all waits for it
         healed, clock2 = await self.db.clock()
         rec.healed_at = healed
         deadline = time.monotonic() + self.opts.whole_timeout_s
@@ -441,7 +447,9 @@ class Runner:
                 await asyncio.sleep(1.0)
 
     async def heal_all(self) -> None:
-        for fault in list(self.active):
+        if self._heals:
+            await asyncio.gather(*self._heals, return_exceptions=True)
+        for fault in list(self._injected):
             if fault.injected:
                 await self._heal(fault)
         if isinstance(self.lab, ProcessLab) and self.lab.infra_on("ignite"):
