@@ -292,3 +292,42 @@ def test_the_media_platform_logs_every_call_it_places_and_no_rejected_one() -> N
     assert [(e["attempt_id"], e["job"], e["contact"], e["attempt_no"], e["epoch"]) for e in logged] == [
         ("a1", "7", "c1", 1, 1)]
     assert "phone" not in logged[0] and "+1555" not in json.dumps(logged)
+
+
+def test_docker_backend_drives_the_docker_cli(tmp_path: Path) -> None:
+    """The container backend's commands, through a stand-in ``docker`` that records its arguments."""
+    import asyncio
+    import stat
+
+    from pom_ha.chaos.faults import DockerLab, FaultImpossible
+
+    log = tmp_path / "calls"
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\n"
+                    f'echo "$@" >> {log}\n'
+                    'case "$1" in ps) case "$*" in *service=pom1-infra*|*service=pom1-rule-engine*) echo c-"$$";;'
+                    " *service=postgres*) echo c-pg;; *status=paused*) ;; esac;;"
+                    " inspect) echo running;; esac\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    lab = DockerLab(FakeLab(3).topo, "pomha", "pomha_lab", docker=str(fake))
+    assert lab.daemons_on("pom1") == ["rule-engine"]
+
+    async def go() -> None:
+        f = DaemonKill(daemon="rule-engine", server="pom1")
+        await f.inject(lab)
+        await f.heal(lab)
+        p = Partition(server="pom1", scope="both")
+        await p.inject(lab)
+        assert lab.leftovers() == ["network cut of pom1 (containers disconnected)"]
+        await p.heal(lab)
+        assert lab.leftovers() == []
+        with pytest.raises(FaultImpossible):
+            await InfraKill(infra="kafka", server="pom1").inject(lab)
+        with pytest.raises(FaultImpossible):
+            await Partition(server="pom1", scope="peers").inject(lab)
+
+    asyncio.run(go())
+    verbs = [line.split()[0] + (" " + line.split()[1] if line.startswith("network") else "")
+             for line in log.read_text().splitlines() if not line.startswith(("ps", "inspect"))]
+    assert verbs == ["kill", "start", "network disconnect", "network disconnect", "network connect",
+                     "network connect"]
