@@ -200,6 +200,8 @@ def check_agents(failover_rows: Iterable[dict[str, Any]], agents: Iterable[dict[
         if allowed is None:
             out.append(Violation("agent_state", f"agent {r['agent_id']} was in unknown state {r['before_state']!r}"
                                  " at a takeover", [r]))
+        elif r.get("force_logout") and r["after_state"] == "Idle":
+            pass  # the desktop check disagreed with the stored state: the agent was logged out (DESKTOP_ERROR)
         elif r["after_state"] not in allowed:
             out.append(Violation(
                 "agent_state", f"takeover of zone {r['zone']} (epoch {r['epoch']}) put agent {r['agent_id']} from "
@@ -290,7 +292,8 @@ async def collect(conn: Any, topo: Any, *, jobs: list[int], since: datetime, unt
         " WHERE job_id = ANY($1::bigint[]) AND state = 'completed'", jobs)]
     zones = sorted({j["zone"] for j in ev.jobs})
     ev.failover_rows = [dict(r) for r in await conn.fetch(
-        "SELECT id, zone, agent_id, epoch, before_state, after_state, table_column, call_effect, nailed, at"
+        "SELECT id, zone, agent_id, epoch, before_state, after_state, table_column, call_effect, nailed,"
+        " desktop_state, completion_code, force_logout, at"
         " FROM agent_failover_log WHERE at BETWEEN $1 AND $2 ORDER BY id", since, until)]
     ev.agents = [dict(r) for r in await conn.fetch(
         "SELECT zone, agent_id, logged_in, call_state, job_state, job_id FROM agents WHERE zone = ANY($1::text[])",

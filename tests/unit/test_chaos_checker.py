@@ -127,6 +127,11 @@ def test_an_agent_state_table_9_does_not_allow_is_found() -> None:
     found = judge(ev)
     assert kinds(ev) == {"agent_state": 2}
     assert "Table 9 allows ['Idle']" in found[0].message
+    # the desktop check logged an agent out (DESKTOP_ERROR): Idle is where a logged-out agent ends
+    forced = {"zone": "Default", "agent_id": "a4", "epoch": 4, "before_state": "Wrapup", "after_state": "Idle",
+              "table_column": "KEPT_NAILED", "force_logout": True}
+    assert judge(Evidence(failover_rows=[forced])) == []
+    assert kinds(Evidence(failover_rows=[{**forced, "force_logout": False}])) == {"agent_state": 1}
 
 
 def test_every_violation_kind_is_tested_above() -> None:
