@@ -42,10 +42,11 @@ from pom_ha.chaos.faults import (
     Fault,
     LabControl,
     Partition,
+    PostgresRestart,
     ProcessLab,
 )
 from pom_ha.chaos.history import HistoryWriter, lab_fingerprint
-from pom_ha.chaos.plan import draw, refuse_impossible
+from pom_ha.chaos.plan import WEIGHTS, draw, refuse_impossible
 
 #: the guide's failover time per fault target, seconds (Chapter 4: CD 2 min 20 s, CM 5 min, AM 40 s, ActiveMQ
 #: 2 min 20 s; a whole server 10 min to be fully operational)
@@ -204,6 +205,7 @@ class Runner:
         self._watchdog: asyncio.Task[None] | None = None
         self._heals: set[asyncio.Future[None]] = set()
         self._injected: list[Fault] = []  # every fault drawn; heal_all heals those still injected
+        self._drain = False
 
     # ---- 1. refuse up front ----------------------------------------------------------------------------
     async def preflight(self) -> None:
@@ -366,26 +368,46 @@ class Runner:
             return False
         return self._deadline is None or time.monotonic() < self._deadline
 
+    def _pg_share(self) -> float:
+        """The share of PostgreSQL restarts among the draws (its weight among the chosen kinds)."""
+        if "postgres-restart" not in self.opts.kinds:
+            return 0.0
+        total = sum(WEIGHTS.get(k, 1.0) for k in self.opts.kinds)
+        return WEIGHTS["postgres-restart"] / total
+
     async def worker(self, history: HistoryWriter) -> None:
+        others = tuple(k for k in self.opts.kinds if k != "postgres-restart")
         while True:
+            fault: Fault | None = None
             async with self._lock:
                 if not self._more():
                     return
-                fault = draw(self.rng, self.lab, self.opts.kinds, self.active, await self.masters())
-                if fault is None:
-                    pass
+                if self._drain:
+                    pass  # a PostgreSQL restart waits for the other faults to heal: draw nothing meanwhile
+                elif not others or self.rng.random() < self._pg_share():
+                    # it runs alone: without this drain it would never find a moment with nothing active
+                    self._drain = True
+                    fault = PostgresRestart()
                 else:
+                    fault = draw(self.rng, self.lab, others, self.active, await self.masters())
+                if fault is not None:
                     self._count += 1
                     n = self._count
-                    self.active.append(fault)
-                    self._injected.append(fault)
             if fault is None:
                 await asyncio.sleep(0.5)
                 continue
+            if isinstance(fault, PostgresRestart):
+                deadline = time.monotonic() + self.opts.whole_timeout_s * 2
+                while self.active and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
+                    await asyncio.sleep(0.2)
+            self.active.append(fault)
+            self._injected.append(fault)
             try:
                 await self.one(n, fault, history)
             finally:
                 self.active.remove(fault)
+                if isinstance(fault, PostgresRestart):
+                    self._drain = False
 
     async def one(self, n: int, fault: Fault, history: HistoryWriter) -> None:
         at, clock = await self.db.clock()
