@@ -265,7 +265,11 @@ async def collect(conn: Any, topo: Any, *, jobs: list[int], since: datetime, unt
             d = dict(r)
             ev.writes.append(Write(source, d.pop("role"), int(d.pop("epoch")), d.pop("at"), d))
     job_keys = {str(j) for j in jobs}
-    calls = read_call_logs(topo.lab_dir() / "calls", job_keys)
+    folder = topo.lab_dir() / "calls"
+    if jobs and not any(folder.glob("*.jsonl")):
+        raise RuntimeError(f"no media call log in {folder}: the media simulators were started without --call-log "
+                           "(restart them with the lab's start command), so no dial can be witnessed")
+    calls = read_call_logs(folder, job_keys)
     ev.calls = calls
     for c in calls:
         at = datetime.fromtimestamp(float(c["at"]), UTC)
