@@ -91,6 +91,20 @@ async def test_seeded_campaign_of_25_faults_has_no_violation(
     assert verdict["faults"] == 25 and verdict["violations"] == 0 and verdict["seed"] == SEED
 
 
+async def test_postgres_restarts_are_survived(stack: Stack, topology_file: Path, platform: list[ProcessRecord],
+                                             tmp_path: Path) -> None:
+    """PostgreSQL killed and started twice (each alone: the runner drains other faults first); every role
+    has a master again and nothing is left behind. Crashed daemons are restarted and reported, not failed."""
+    lines: list[str] = []
+    opts = RunOptions(faults=2, seed=SEED, kinds=("postgres-restart",), history=tmp_path / "pg.jsonl", contacts=0,
+                      recovery_timeout_s=120, check=False)
+    result = await Runner(ProcessLab(stack.topo, topology_file), opts, echo=lines.append).run()
+    print("\n".join(lines))
+    assert [r.fault.kind for r in result.records] == ["postgres-restart"] * 2
+    assert result.unrecovered == 0 and result.leftovers == [], lines
+    assert all(r.error is None or "whole" in r.error for r in result.records), [r.error for r in result.records]
+
+
 async def test_sigterm_heals_every_injected_fault(stack: Stack, topology_file: Path,
                                                   platform: list[ProcessRecord], tmp_path: Path) -> None:
     history = tmp_path / "interrupted.jsonl"
