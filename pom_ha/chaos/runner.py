@@ -416,6 +416,10 @@ class Runner:
         try:
             try:
                 await fault.inject(self.lab)
+                if isinstance(fault, PostgresRestart):
+                    # nothing recovers while the database is down: the restart (heal) comes first, recovery after
+                    await asyncio.sleep(self.rng.uniform(*self.opts.hold_s))
+                    await self._heal(fault, rec)
                 deadline = t0 + self.opts.recovery_timeout_s
                 missing: str | None = "not checked"
                 while time.monotonic() < deadline:
