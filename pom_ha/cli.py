@@ -370,7 +370,7 @@ main.add_command(user_group)
 main.add_command(token_group)
 # ---- agents: the workspaces scenario (pom_ha/zones/sdk_link.py) --------------------------------------------------
 main.add_command(agents_group)
-# ---- chaos: the deterministic simulation of the HA core (pom_ha/chaos/cli.py) ----------------------------------
+# ---- chaos: fault runs, the history checker, the HA core's simulation (pom_ha/chaos/cli.py) ---------------
 main.add_command(chaos_group)
 
 

@@ -49,12 +49,19 @@ class Firewall:
             _iptables("-I", *hook)
         self._installed = True
 
-    def drop_from_uid(self, uid: int, dest: str, dport: int | None = None) -> None:
-        """Drop every loopback packet a process of ``uid`` sends to ``dest`` (optionally one port)."""
+    def drop_from_uid(self, uid: int, dest: str, dport: int | None = None) -> list[str]:
+        """Drop every loopback packet a process of ``uid`` sends to ``dest`` (optionally one port); returns
+        the rule, which :meth:`delete` takes to remove this one rule alone."""
         rule = ["-m", "owner", "--uid-owner", str(uid), "-d", dest]
         if dport is not None:
             rule += ["-p", "tcp", "--dport", str(dport)]
         _iptables("-A", self.chain, *rule, "-j", "DROP")
+        return rule
+
+    def delete(self, rule: list[str]) -> None:
+        """Remove one rule :meth:`drop_from_uid` added (a no-op when it is gone already)."""
+        while _iptables("-C", self.chain, *rule, "-j", "DROP", check=False).returncode == 0:
+            _iptables("-D", self.chain, *rule, "-j", "DROP", check=False)
 
     def cut_uid_from_address(self, uid: int, dest: str, dest_uids: list[int] | None = None,
                              own_addresses: list[str] | None = None) -> None:

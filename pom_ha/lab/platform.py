@@ -68,6 +68,23 @@ def _record_name(daemon: str, server: str) -> str:
     return f"{daemon}-{server}"
 
 
+def call_log_path(topo: Topology, server: str) -> Path:
+    """The media simulator's call log of ``server`` (one JSON line per call placed; ``pom-ha chaos check``
+    reads it). Its folder belongs to the server's uid, which the simulator runs under."""
+    return topo.lab_dir() / "calls" / f"{server}.jsonl"
+
+
+def server_daemon_args(topo: Topology, daemon: str, server: str) -> list[str]:
+    """:func:`daemon_args` plus what depends on the server (the media simulator's call log)."""
+    args = daemon_args(topo, daemon)
+    if daemon == "media-simulator":
+        path = call_log_path(topo, server)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o1777)  # every server uid writes its own file here
+        args += ["--call-log", str(path)]
+    return args
+
+
 def start_platform(topo: Topology, topology_file: Path, echo: Callable[[str], None] = print) -> list[ProcessRecord]:
     """Start every platform daemon that is not already running; returns the records of those started."""
     run_dir = topo.lab_dir() / "run"
@@ -78,7 +95,8 @@ def start_platform(topo: Topology, topology_file: Path, echo: Callable[[str], No
             name = _record_name(daemon, server.name)
             if name in running:
                 continue
-            started.append(start_daemon(topo, topology_file, server.name, daemon, *daemon_args(topo, daemon),
+            started.append(start_daemon(topo, topology_file, server.name, daemon,
+                                        *server_daemon_args(topo, daemon, server.name),
                                         name=name, as_server_uid=daemon not in AS_OPERATOR))
         echo(f"  {daemon}: started on {', '.join(s.name for s in topo.servers)}")
     return started

@@ -10,6 +10,10 @@ fire them by hand.
 An outcome whose owner is gone (``deliver`` returns False, or :meth:`disconnect` ran) is held for
 ``orphan_hold_s`` per scope; the next DIAL or CLAIM for that scope takes the held outcomes and the
 ownerless calls. Expired ones are dropped and counted.
+
+``call_log`` (optional) is told of every call the platform accepted, at the moment it accepts it: the
+platform's own record of what it placed (the chaos checker's only witness that a dial went out). Entries
+name the attempt, never the phone number.
 """
 
 from __future__ import annotations
@@ -135,6 +139,7 @@ class MediaPlatform:
         clock: Callable[[], float] = time.monotonic,
         orphan_hold_s: float = 120.0,
         dedup_window: int = 300_000,
+        call_log: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
@@ -156,6 +161,7 @@ class MediaPlatform:
         self._clock = clock
         self._orphan_hold_s = orphan_hold_s
         self._dedup_window = dedup_window
+        self.call_log = call_log
         self._seen: OrderedDict[str, None] = OrderedDict()  # attempt ids ever accepted (bounded window)
         self._calls: dict[str, _Call] = {}
         self._held: dict[str, deque[tuple[float, Outcome]]] = {}
@@ -180,6 +186,10 @@ class MediaPlatform:
         self._calls[cmd.attempt_id] = call
         call.timer = self._schedule(call.duration_ms / 1000 * self.time_scale, lambda: self._finish(call))
         self.counters.dialed += 1
+        if self.call_log is not None:
+            self.call_log({"event": "placed", "at": time.time(), "attempt_id": cmd.attempt_id, "job": cmd.job,
+                           "contact": cmd.contact, "attempt_no": cmd.attempt_no, "epoch": cmd.epoch,
+                           "scope": cmd.scope})
         self.counters.peak_in_progress = max(self.counters.peak_in_progress, len(self._calls))
         return Accepted(cmd.attempt_id)
 
