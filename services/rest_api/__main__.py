@@ -16,6 +16,7 @@ from aiohttp import web
 
 from pom_ha.config import ConfigError, Topology, load_topology
 from pom_ha.ha.logsetup import configure_logging
+from pom_ha.ha.sdnotify import notify
 from pom_ha.web.app import DEFAULT_RUNTIME_TIMEOUT_S, RestApi
 
 log = structlog.get_logger("services.rest_api")
@@ -49,7 +50,9 @@ async def serve(topo: Topology, server: str, port: int, runtime_timeout_s: float
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("REST API listening", server=server, address=f"{address}:{port}")
+    notify("READY=1", f"STATUS=listening on {address}:{port}")
     await stop.wait()
+    notify("STOPPING=1")
     log.info("REST API stopping", server=server)
     await runner.cleanup()
     return 0
