@@ -193,6 +193,8 @@ class HADaemon:
                 self.timings, peers=node, on_event=self._on_event, spread=spread,
             )
             self.electors.append(elector)
+            # every role scope has a series from the start, so "no master anywhere" is a sum of zeros
+            self.metrics.role_master.labels(role.service, elector.scope).set(0)
         self.store.subscribe(self._on_lease_change)
         await self.store.start()
         http_port = await self.http.start(self.config.address, self.config.http_port)

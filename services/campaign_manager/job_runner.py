@@ -165,6 +165,7 @@ class JobRunner:
             self.log.info("job no longer ours, runner stops", reason=str(exc))
             return "fence lost"
         finally:
+            self.metrics.job_gone(self.job_id)
             if self._re_paused:
                 self.metrics.dialing_paused.dec()
             for task in self._tasks:
@@ -356,6 +357,7 @@ class JobRunner:
                     continue
                 live = code in (CompletionCode.ANSWER_HUMAN.name, CompletionCode.NUISANCE.name)
                 pacer.record(live=live, abandoned=code == CompletionCode.NUISANCE.name)
+            self.metrics.pacing(self.job_id, pacer.abandon_rate, pacer.abandon_cap)
         if self.outbound is not None:
             await self.outbound.recorded(self.job_id, self.epoch, self.org, done)
 
