@@ -52,15 +52,14 @@ plan=$(cd "$CHECKOUT" && "$PY" - "$INVENTORY" "$SERVER" <<'PYEOF'
 import shlex
 import sys
 from pom_ha.config import ConfigError, load_topology
+from pom_ha.infra.prometheus import METRICS_DAEMONS, server_daemons
 from pom_ha.lab.platform import PLATFORM_DAEMONS
 try:
     topo = load_topology(sys.argv[1])
     server = topo.server(sys.argv[2])
 except ConfigError as exc:
     sys.exit(f"error: {exc}")
-daemons = [d for d in PLATFORM_DAEMONS
-           if not (d == "cache-service" and "ignite" not in server.runs)
-           and not (d == "event-aggregator" and not topo.servers_running("kafka"))]
+daemons = [d for d in PLATFORM_DAEMONS if d not in METRICS_DAEMONS or d in server_daemons(topo, server.name)]
 print("DAEMONS=" + shlex.quote(" ".join(daemons)))
 print("INFRA_ARGS=" + shlex.quote("--without ignite" if "ignite" in server.runs else ""))
 print("RUNS=" + shlex.quote(",".join(server.runs)))
@@ -95,8 +94,8 @@ umask 077
   echo "POM_TOPOLOGY=$ETC/cluster.toml"
   echo "POM_LAB_DIR=$STATE"
   echo "POM_JVM_DIR=$CHECKOUT/.jvm"
-  echo "POM_INFRA_ARGS=$INFRA_ARGS"
-  [[ -n $PW_FILE ]] && echo "POM_PG_PASSWORD=$(head -n1 "$PW_FILE")"
+  echo "POM_INFRA_ARGS=\"$INFRA_ARGS\""
+  if [[ -n $PW_FILE ]]; then echo "POM_PG_PASSWORD=$(head -n1 "$PW_FILE")"; fi
 } >"$ETC/env.new"
 chmod 0600 "$ETC/env.new"
 mv "$ETC/env.new" "$ETC/env"

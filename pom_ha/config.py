@@ -82,6 +82,8 @@ class PortsSection(_Strict):
     metrics_campaign_manager: int = 9404
     metrics_agent_manager: int = 9405
     metrics_event_aggregator: int = 9406
+    # the lab's Prometheus, on the PostgreSQL host's address (pom_ha/infra/prometheus.py)
+    prometheus: int = 9090
 
     def metrics(self, daemon: str) -> int | None:
         """The fixed metrics port of ``daemon`` (``rule-engine``, ``infra``...), None if it has none."""

@@ -18,10 +18,9 @@ from collections.abc import Callable
 
 from pom_ha.config import Topology
 from pom_ha.ha.sdnotify import notify
-from pom_ha.ha.status_http import StatusHTTP
 from pom_ha.infra.base import Launcher
 from pom_ha.infra.process import InfraError
-from pom_ha.infra.serve_metrics import ServeMetrics
+from pom_ha.infra.serve_metrics import ServeMetrics, metrics_http
 from pom_ha.infra.stack import Stack
 
 SERVE_ORDER = ("zookeeper", "kafka", "ignite", "activemq")
@@ -53,9 +52,7 @@ async def serve(
     out once every server of the share is ready."""
     launchers = server_launchers(topo, server, without)
     metrics = ServeMetrics(server, launchers)
-    http = StatusHTTP(metrics.health, metrics)
-    port = topo.ports.metrics_infra if metrics_port is None else metrics_port
-    await http.start(topo.server(server).address, port)
+    http = await metrics_http(topo, server, metrics, metrics_port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handlers = []

@@ -10,13 +10,19 @@ Prometheus gauges, on the server's address at the topology's ``ports.metrics_inf
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pom_ha.config import Topology
+from pom_ha.ha.sdnotify import notify
+from pom_ha.ha.status_http import StatusHTTP
 from pom_ha.infra.base import Launcher
 from pom_ha.infra.kafka import KafkaLauncher
+from pom_ha.infra.process import InfraError
 
 
 class ServeMetrics:
@@ -63,3 +69,37 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+async def metrics_http(topo: Topology, server: str, metrics: ServeMetrics, port: int | None) -> StatusHTTP:
+    """``/health`` and ``/metrics`` of ``metrics`` on the server's address at ``port`` (default
+    ``ports.metrics_infra``); a port in use is an :class:`InfraError` that names it."""
+    http = StatusHTTP(metrics.health, metrics)
+    address = topo.server(server).address
+    port = topo.ports.metrics_infra if port is None else port
+    try:
+        await http.start(address, port)
+    except OSError as exc:
+        await http.close()
+        raise InfraError(f"{server}: cannot serve /metrics on {address}:{port}: {exc.strerror or exc}") from None
+    return http
+
+
+async def observe(
+    topo: Topology, server: str, launchers: list[Launcher], *, stop: asyncio.Event, interval_s: float = 2.0,
+    metrics_port: int | None = None,
+) -> None:
+    """Serve the share's gauges without starting, restarting or stopping anything (the process lab, where one
+    ``pom-ha lab up`` runs every server and lab faults must stay faults) until ``stop`` is set."""
+    metrics = ServeMetrics(server, launchers)
+    http = await metrics_http(topo, server, metrics, metrics_port)
+    metrics.state = "running"
+    notify("READY=1", f"STATUS=observing {', '.join(lc.name for lc in launchers) or 'nothing'}")
+    try:
+        while not stop.is_set():
+            await metrics.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+    finally:
+        metrics.state = "stopping"
+        await http.close()

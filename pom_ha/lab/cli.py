@@ -53,6 +53,9 @@ def lab_up(demo: bool, contacts: int, calls_per_second: float, topology_path: st
         start_platform(topo, _topology_file(topo, topology_path), echo=click.echo)
         await wait_platform(topo)
         click.echo("daemons up: every component registered on every server")
+        from pom_ha.lab.monitoring import start_monitoring
+
+        await start_monitoring(topo, _topology_file(topo, topology_path), echo=click.echo)
         if demo:
             click.echo(await create_demo(topo, contacts=contacts, calls_per_second=calls_per_second,
                                          echo=click.echo))
