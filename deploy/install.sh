@@ -36,8 +36,8 @@ while (($#)); do
   esac
 done
 [[ -n $INVENTORY && -n $SERVER ]] || usage
-[[ $(id -u) == 0 ]] || die "run as root (it creates a user and installs systemd units)"
 [[ -f $INVENTORY ]] || die "inventory $INVENTORY: no such file"
+[[ $(id -u) == 0 ]] || die "run as root (it creates a user and installs systemd units)"
 CHECKOUT=$(cd "$CHECKOUT" 2>/dev/null && pwd) || die "checkout folder not found"
 PY=$CHECKOUT/.venv/bin/python
 [[ -x $PY ]] || die "$CHECKOUT/.venv is missing: run $CHECKOUT/scripts/install first"
