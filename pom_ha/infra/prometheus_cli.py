@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from pom_ha.cli_support import topology_option, topology_or_exit
-from pom_ha.infra.prometheus import scrape_targets, write_config
 
 
 @click.group("prometheus")
@@ -20,6 +19,8 @@ def prometheus_group() -> None:
 @topology_option
 def targets(topology_path: str | None) -> None:
     """Print the topology's scrape targets as Prometheus file_sd JSON (targets/pom-ha.json)."""
+    from pom_ha.infra.prometheus import scrape_targets
+
     click.echo(json.dumps(scrape_targets(topology_or_exit(topology_path)), indent=1))
 
 
@@ -29,5 +30,7 @@ def targets(topology_path: str | None) -> None:
 def config(folder: Path, topology_path: str | None) -> None:
     """Write FOLDER/prometheus.yml, rules.yml and targets/pom-ha.json for the topology; then run
     `prometheus --config.file=FOLDER/prometheus.yml`."""
+    from pom_ha.infra.prometheus import scrape_targets, write_config
+
     path = write_config(folder, scrape_targets(topology_or_exit(topology_path)))
     click.echo(f"wrote {path} (rules.yml, targets/pom-ha.json beside it)")
