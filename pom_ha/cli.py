@@ -20,6 +20,7 @@ from pom_ha.cli_support import (
     topology_or_exit,
 )
 from pom_ha.infra.process import InfraError
+from pom_ha.infra.prometheus_cli import prometheus_group
 from pom_ha.kafka.cli import kafka_group
 from pom_ha.lab.cli import lab as lab_group
 from pom_ha.web.cli import token_group, user_group
@@ -88,6 +89,31 @@ def infra_serve(server: str, without: tuple[str, ...], ready_timeout_s: float, t
     restarted = _run(serve(_topology(topology_path), server, without=without, ready_timeout_s=ready_timeout_s,
                            echo=click.echo))
     click.echo(f"{server}: stopped" + (f" (restarted while serving: {', '.join(restarted)})" if restarted else ""))
+
+
+@infra.command("observe")
+@click.option("--server", required=True, help="POM server name from the topology (pom1)")
+@topology_option
+def infra_observe(server: str, topology_path: str | None) -> None:
+    """Serve /metrics of ONE POM server's share of the real servers (up, Kafka under-replicated partitions)
+    on ports.metrics_infra without starting or restarting anything, until SIGTERM (the process lab's exporter;
+    `infra serve` exports the same itself)."""
+    import asyncio
+    import signal
+
+    from pom_ha.infra.serve import server_launchers
+    from pom_ha.infra.serve_metrics import observe
+
+    topo = topology_or_exit(topology_path)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await observe(topo, server, server_launchers(topo, server), stop=stop)
+
+    run_or_exit(go())
 
 
 # ---- db ----------------------------------------------------------------------------------------------
@@ -363,6 +389,8 @@ for _group in CAMPAIGN_COMMANDS:
 main.add_command(kafka_group)
 # ---- lab: the whole local lab with every daemon and the demo campaign (pom_ha/lab/cli.py) -------------------
 main.add_command(lab_group)
+# ---- prometheus: scrape targets and config of the topology (pom_ha/infra/prometheus_cli.py) ------------------
+main.add_command(prometheus_group)
 # ---- zone: Agent Manager zone allocation, "Save" and "Save and Apply" (pom_ha/zones/cli.py) ------------------
 main.add_command(zone_group)
 # ---- user, token: console / REST API users and API tokens (pom_ha/web/cli.py) ---------------------------------

@@ -73,6 +73,27 @@ class PortsSection(_Strict):
     desktop: int = 7500
     console: int = 8080
     rest_api: int = 8090
+    # fixed /health + /metrics port of each daemon on its server's address (Prometheus scrapes them;
+    # deploy/prometheus); `--http-port 0` still asks for an ephemeral one
+    metrics_infra: int = 9400
+    metrics_cache_service: int = 9401
+    metrics_rule_engine: int = 9402
+    metrics_campaign_director: int = 9403
+    metrics_campaign_manager: int = 9404
+    metrics_agent_manager: int = 9405
+    metrics_event_aggregator: int = 9406
+    # the lab's Prometheus, on the PostgreSQL host's address (pom_ha/infra/prometheus.py)
+    prometheus: int = 9090
+
+    def metrics(self, daemon: str) -> int | None:
+        """The fixed metrics port of ``daemon`` (``rule-engine``, ``infra``...), None if it has none."""
+        port = getattr(self, "metrics_" + daemon.replace("-", "_"), None)
+        return port if isinstance(port, int) else None
+
+    def metrics_ports(self) -> dict[str, int]:
+        """Every daemon's fixed metrics port, by daemon name (``rule-engine``)."""
+        return {k.removeprefix("metrics_").replace("_", "-"): v for k, v in self.model_dump().items()
+                if k.startswith("metrics_")}
 
 
 class KafkaSection(_Strict):

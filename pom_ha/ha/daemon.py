@@ -40,6 +40,7 @@ from pom_ha.ha.metrics import HAMetrics
 from pom_ha.ha.pg_store import PgStatusStore
 from pom_ha.ha.ports import DaemonPorts, Sinks, TermPorts
 from pom_ha.ha.roles import ConnectionState, PoolMember, RoleKind, ZoneRole
+from pom_ha.ha.sdnotify import notify
 from pom_ha.ha.settings import HATimings
 from pom_ha.ha.status_http import StatusHTTP
 from pom_ha.ha.store import HAEvent, Holder, Member, MemberState, StatusStore, StatusStoreError
@@ -167,6 +168,8 @@ class HADaemon:
         try:
             await self._start()
             self.state = "running"
+            # systemd (Type=notify): heartbeats, status store and /health are up, the electors run
+            notify("READY=1", f"STATUS=running on {self.config.address}, /metrics on port {self.http.port}")
             reason = await self._supervise()
         finally:
             await self._stop(reason)
@@ -199,6 +202,8 @@ class HADaemon:
                 self.timings, peers=node, on_event=self._on_event, spread=spread,
             )
             self.electors.append(elector)
+            # every role scope has a series from the start, so "no master anywhere" is a sum of zeros
+            self.metrics.role_master.labels(role.service, elector.scope).set(0)
         self.store.subscribe(self._on_lease_change)
         await self.store.start()
         http_port = await self.http.start(self.config.address, self.config.http_port)
@@ -228,6 +233,7 @@ class HADaemon:
         """Graceful stop: end master work, release leases, GOODBYE, member rows STOPPED, close."""
         t0 = time.monotonic()
         self.state = "stopping"
+        notify("STOPPING=1", f"STATUS=stopping: {reason}")
         self._log.info("daemon stopping", reason=reason)
         for task in list(self._tasks):
             if task.get_name().startswith("elector-"):

@@ -22,7 +22,10 @@ def daemon_parser(prog: str, description: str | None, *, heartbeat: bool = True)
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--server", required=True, help="POM server name from the topology (pom1)")
     p.add_argument("--topology", default=None, help="topology file (default config/lab.toml or POM_TOPOLOGY)")
-    p.add_argument("--http-port", type=int, default=0, help="/health and /metrics port (0 = ephemeral)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="/health and /metrics port (default: the topology's ports.metrics_<daemon>, else "
+                        "ephemeral; 0 = ephemeral)")
+    p.set_defaults(daemon_name=prog)
     if heartbeat:
         p.add_argument("--heartbeat-port", type=int, default=0, help="heartbeat server port (0 = ephemeral)")
     p.add_argument("--instance-tag", default=None, help="free-form tag (the lab uses it to find the process)")
@@ -31,10 +34,13 @@ def daemon_parser(prog: str, description: str | None, *, heartbeat: bool = True)
 
 
 def load_daemon_context(args: argparse.Namespace) -> tuple[Topology, ServerSection, HATimings]:
-    """Logging configured, then the topology, this daemon's server and the HA timings; raises
+    """Logging configured, then the topology, this daemon's server and the HA timings (and ``args.http_port``
+    resolved to the daemon's fixed metrics port unless given); raises
     :class:`pom_ha.config.ConfigError` naming what is wrong."""
     configure_logging(args.log_level)
     topo = load_topology(args.topology)
+    if args.http_port is None:
+        args.http_port = topo.ports.metrics(args.daemon_name) or 0
     return topo, topo.server(args.server), load_timings()
 
 

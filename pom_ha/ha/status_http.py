@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from pom_ha.ha.metrics import HAMetrics
+
+class MetricsSource(Protocol):
+    """What ``/metrics`` serves: a rendered Prometheus exposition and its content type."""
+
+    content_type: str
+
+    def render(self) -> bytes: ...
 
 
 class StatusHTTP:
-    def __init__(self, health: Callable[[], dict[str, Any]], metrics: HAMetrics) -> None:
+    def __init__(self, health: Callable[[], dict[str, Any]], metrics: MetricsSource) -> None:
         self._health = health
         self._metrics = metrics
         self._runner: web.AppRunner | None = None

@@ -180,7 +180,10 @@ class Launcher(ABC):
 
     @property
     def user(self) -> tuple[int, int] | None:
-        if not self.runs_as_server_uid:
+        """The (uid, gid) the process is started as: the POM server's own uid when we run as root (the lab,
+        where uids tell the servers of one host apart); None (our own uid) otherwise, e.g. the ``pomha``
+        user of a VM's systemd units, which holds one POM server alone and may not change uid."""
+        if not self.runs_as_server_uid or os.geteuid() != 0:
             return None
         uid = self.topo.server_uid(self.server.name)
         return (uid, uid)

@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable
 
 from pom_ha.config import Topology
+from pom_ha.ha.sdnotify import notify
 from pom_ha.infra.base import Launcher
 from pom_ha.infra.process import InfraError
+from pom_ha.infra.serve_metrics import ServeMetrics, metrics_http
 from pom_ha.infra.stack import Stack
 
 SERVE_ORDER = ("zookeeper", "kafka", "ignite", "activemq")
@@ -41,9 +43,16 @@ def server_launchers(topo: Topology, server: str, without: tuple[str, ...] = ())
 async def serve(
     topo: Topology, server: str, *, without: tuple[str, ...] = (), ready_timeout_s: float = 600.0,
     check_interval_s: float = 2.0, stop: asyncio.Event | None = None, echo: Callable[[str], None] = print,
+    metrics_port: int | None = None,
 ) -> list[str]:
-    """Start, wait for, supervise and finally stop this server's share; returns the names it restarted."""
+    """Start, wait for, supervise and finally stop this server's share; returns the names it restarted.
+
+    ``/health`` and ``/metrics`` listen on the server's address at ``metrics_port`` (default the topology's
+    ``ports.metrics_infra``; 0 = ephemeral) from the start; under systemd (``Type=notify``) READY=1 goes
+    out once every server of the share is ready."""
     launchers = server_launchers(topo, server, without)
+    metrics = ServeMetrics(server, launchers)
+    http = await metrics_http(topo, server, metrics, metrics_port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handlers = []
@@ -60,6 +69,9 @@ async def serve(
             seconds = await launcher.wait_ready(ready_timeout_s)
             echo(f"  {launcher.name} ready in {seconds:.1f} s")
         echo(f"{server}: {len(launchers)} server(s) up: {', '.join(lc.name for lc in launchers) or 'none'}")
+        metrics.state = "running"
+        notify("READY=1", f"STATUS=serving {', '.join(lc.name for lc in launchers) or 'nothing'}; "
+                          f"/metrics on port {http.port}")
         backoff: dict[str, float] = {}
         while not stop.is_set():
             for launcher in launchers:
@@ -67,6 +79,7 @@ async def serve(
                     continue
                 echo(f"  {launcher.name} is not running: starting it again")
                 restarted.append(launcher.name)
+                metrics.restarted(launcher.kind)
                 launcher.start()
                 try:
                     await launcher.wait_ready(ready_timeout_s)
@@ -74,11 +87,15 @@ async def serve(
                 except InfraError as exc:
                     echo(f"  {launcher.name} did not come back: {exc}")
                     backoff[launcher.name] = time.monotonic() + 10.0
+            await metrics.refresh()
             try:
                 await asyncio.wait_for(stop.wait(), check_interval_s)
             except TimeoutError:
                 pass
     finally:
+        metrics.state = "stopping"
+        notify("STOPPING=1")
+        await http.close()
         for launcher in reversed(launchers):
             if launcher.running():
                 await asyncio.to_thread(launcher.stop)

@@ -67,6 +67,9 @@ def lab_up(demo: bool, contacts: int, calls_per_second: float, topology_path: st
                        f"{password_file(topo)} (mode 0600)")
         else:
             click.echo(f"console: {url} (every server) user admin, password in {password_file(topo)}")
+        from pom_ha.lab.monitoring import start_monitoring
+
+        await start_monitoring(topo, _topology_file(topo, topology_path), echo=click.echo)
         if demo:
             click.echo(await create_demo(topo, contacts=contacts, calls_per_second=calls_per_second,
                                          echo=click.echo))

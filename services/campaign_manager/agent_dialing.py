@@ -129,6 +129,7 @@ class AgentDialing(DialLoop):
                     continue
                 live = code in (LIVE, CompletionCode.NUISANCE.name)
                 pacer.record(live=live, abandoned=code == CompletionCode.NUISANCE.name)
+            self.job.metrics.pacing(self.job.job_id, pacer.abandon_rate, pacer.abandon_cap)
 
     def info(self) -> dict[str, Any]:
         """For /health: the agent side of the job."""

@@ -123,6 +123,7 @@ class JobRunner:
             self.log.info("job no longer ours, runner stops", reason=str(exc))
             return "fence lost"
         finally:
+            self.metrics.job_gone(self.job_id)
             self.dialing.close()
             self.tasks.end("runner stopped")
             await self.tasks.wait_tasks()

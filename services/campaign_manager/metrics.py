@@ -25,7 +25,25 @@ class CMMetrics:
         self.dialing_paused = Gauge("pom_cm_dialing_paused", "jobs whose dialing waits for a Rule Engine master",
                                     registry=r)
         self.fence_lost = Counter("pom_cm_fence_lost", "jobs stopped because their assignment moved", registry=r)
+        # predictive jobs run here: today's abandon rate and its cap (alert rule PomAbandonRateOverCap)
+        self.abandon_rate = Gauge("pom_cm_abandon_rate", "abandons / live answers today of a predictive job",
+                                  ["job"], registry=r)
+        self.abandon_cap = Gauge("pom_cm_abandon_cap", "the abandon cap of a predictive job", ["job"], registry=r)
         self.tally: Tally[str] = Tally()  # the same events, for /health
 
     def count(self, name: str, n: int = 1) -> None:
         self.tally[name] += n
+
+    def pacing(self, job: int, rate: float | None, cap: float) -> None:
+        """Publish a predictive job's abandon rate (nothing before its first live answer) and cap."""
+        if rate is not None:
+            self.abandon_rate.labels(str(job)).set(rate)
+        self.abandon_cap.labels(str(job)).set(cap)
+
+    def job_gone(self, job: int) -> None:
+        """The job no longer runs here: its series go (another CM publishes them now)."""
+        for gauge in (self.abandon_rate, self.abandon_cap):
+            try:
+                gauge.remove(str(job))
+            except KeyError:
+                pass

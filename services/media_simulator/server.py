@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from pom_ha.domain.attempts import CompletionCode
+from pom_ha.ha.sdnotify import notify
 from pom_ha.media.protocol import (
     Cancel,
     Claim,
@@ -76,6 +77,7 @@ class MediaSimulatorServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         await self.start()
+        notify("READY=1", f"STATUS=listening on {self.host}:{self.port}")
         summaries = asyncio.create_task(self._summaries(), name="media-summaries")
         try:
             await self._stopping.wait()

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from pom_ha.config import ConfigError, Topology, load_topology
 from pom_ha.ha.logsetup import configure_logging
+from pom_ha.ha.sdnotify import notify
 from pom_ha.web.app import DEFAULT_RUNTIME_TIMEOUT_S, RestApi
 
 log = structlog.get_logger("services.rest_api")
@@ -56,7 +57,9 @@ async def serve(topo: Topology, server: str, port: int, runtime_timeout_s: float
         loop.add_signal_handler(sig, stop.set)
     log.info("REST API and console listening", server=server, address=f"{address}:{port}",
              tls=context is not None)
+    notify("READY=1", f"STATUS=listening on {address}:{port}")
     await stop.wait()
+    notify("STOPPING=1")
     log.info("REST API stopping", server=server)
     await runner.cleanup()
     return 0
