@@ -128,3 +128,62 @@ def lab_down(topology_path: str | None) -> None:
 
     stopped = asyncio.run(Stack(_topology(topology_path)).down())
     click.echo(f"stopped {len(stopped)} process(es)" + (f": {', '.join(stopped)}" if stopped else ""))
+
+
+# ---- the container lab's steps (docker-compose.yml runs them as one-shot / long-running services) -----------
+@lab.command("demo")
+@click.option("--contacts", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@click.option("--calls-per-second", type=click.FloatRange(0.1, 2000), default=25.0, show_default=True)
+@click.option("--wait-s", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
+              help="how long to wait for the platform (every daemon registered on every server)")
+@topology_option
+def lab_demo(contacts: int, calls_per_second: float, wait_s: float, topology_path: str | None) -> None:
+    """Wait for the platform, then create and start the demo campaigns unless they exist (what `lab up`
+    does after starting the daemons; the container lab's `demo` service)."""
+    from pom_ha.lab.platform import create_agent_demo, create_demo, wait_platform
+
+    topo = _topology(topology_path)
+
+    async def go() -> None:
+        await wait_platform(topo, timeout_s=wait_s)
+        click.echo("daemons up: every component registered on every server")
+        click.echo(await create_demo(topo, contacts=contacts, calls_per_second=calls_per_second, echo=click.echo))
+        jobs = await create_agent_demo(topo, echo=click.echo)
+        click.echo("agent jobs: " + ", ".join(f"{zone} {job}" for zone, job in sorted(jobs.items())))
+
+    try:
+        asyncio.run(go())
+    except (ConfigError, InfraError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@lab.command("desktop")
+@click.option("--zone", required=True, help="a zone with an agent-based demo campaign")
+@click.option("--server", required=True, help="the POM server whose Agent Manager the desktops try first")
+@click.option("--agents", type=click.IntRange(1, 5000), default=50, show_default=True)
+@topology_option
+def lab_desktop(zone: str, server: str, agents: int, topology_path: str | None) -> None:
+    """Run the desktop simulator of ``zone`` on its demo job (created by `lab demo`) in the foreground."""
+    import os
+
+    from pom_ha.lab.platform import agent_zones, create_agent_demo
+
+    topo = _topology(topology_path)
+    if zone not in agent_zones(topo):
+        click.echo(f"error: zone {zone!r} has no agent-based demo campaign (zones: {', '.join(agent_zones(topo))})",
+                   err=True)
+        sys.exit(1)
+    if server not in [s.name for s in topo.servers]:
+        click.echo(f"error: unknown server {server!r}", err=True)
+        sys.exit(1)
+    try:
+        jobs = asyncio.run(create_agent_demo(topo, echo=click.echo))
+    except (ConfigError, InfraError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    argv = [sys.executable, "-m", "services.desktop_simulator", "--server", server, "--zone", zone,
+            "--agents", str(agents), "--job", str(jobs[zone]), "--agent-prefix", f"sim-{zone}-"]
+    if topology_path:
+        argv += ["--topology", topology_path]
+    os.execv(sys.executable, argv)
