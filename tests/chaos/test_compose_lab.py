@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -45,7 +46,7 @@ from pom_ha.bench.server_loss import (
     table_shape,
 )
 from pom_ha.config import REPO_ROOT
-from pom_ha.lab.containers import ComposeLab, docker_available
+from pom_ha.lab.containers import ComposeLab, docker, docker_available
 from pom_ha.lab.platform import SINGLETONS
 from pom_ha.status import SQL_MEMBERS, build_table
 
@@ -282,6 +283,33 @@ async def test_docker_network_disconnect_of_one_server(compose_lab: ComposeLab, 
     out = await check_fault(db, compose_lab, victim, roles, lambda: compose_lab.disconnect(victim),
                             lambda: compose_lab.connect(victim), f"docker network disconnect {victim}")
     print(f"\nnetwork disconnect of {victim}: {out}")
+
+
+async def test_docker_stop_releases_the_lease_within_the_grace_period(compose_lab: ComposeLab,
+                                                                     db: asyncpg.Connection) -> None:
+    """SIGTERM (docker stop, grace period 20 s): the master ends its work, releases its lease (a
+    `released` event, not an expiry) and exits 0 in time; started again, it is DORMANT."""
+    victim = await lease_holder(db, "campaign_director")
+    service = compose_lab.daemon_service("campaign_director", victim)
+    c = compose_lab.container(service)
+    t0 = await db_now(db)
+    started = time.monotonic()
+    await asyncio.to_thread(docker, "stop", c.id, timeout_s=120)
+    took = time.monotonic() - started
+    code = (await asyncio.to_thread(docker, "inspect", "-f", "{{.State.ExitCode}}", c.id)).strip()
+    try:
+        assert code == "0", f"{service} exited {code} on SIGTERM (137: killed after the grace period)"
+        released = await db.fetchval(
+            "SELECT count(*) FROM ha_event WHERE service = 'campaign_director' AND server = $1"
+            " AND kind = 'released' AND at > $2", victim, t0)
+        assert released >= 1, f"{service} stopped without releasing its lease"
+        await lease_holder(db, "campaign_director")
+    finally:
+        await asyncio.to_thread(compose_lab.start, service)
+    await poll(lambda: members_back(db, victim, ["campaign_director"], t0), BACK_S, f"{service} back")
+    after = await wait_guide_shape(db, compose_lab, BACK_S)
+    assert after["campaign_director"][victim]["state"] == "DORMANT"
+    print(f"\ndocker stop {service}: exited 0 in {took:.1f} s, lease released")
 
 
 def test_down_with_nothing_up_says_so(compose_lab: ComposeLab) -> None:
