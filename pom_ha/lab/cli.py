@@ -26,6 +26,15 @@ def _topology_file(topo: Topology, path: str | None) -> Path:
     return target
 
 
+def _docker_lab(command: str) -> None:
+    import os
+
+    from pom_ha.config import REPO_ROOT
+
+    script = REPO_ROOT / "scripts" / "docker-lab"
+    os.execv(str(script), [str(script), command])
+
+
 @click.group("lab")
 def lab() -> None:
     """The local multi-server lab: servers, pom-ha daemons and a demo campaign."""
@@ -36,10 +45,14 @@ def lab() -> None:
               help="create and start the demo campaigns (agentless, and agent-based with 50 bot agents per zone)")
 @click.option("--contacts", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
 @click.option("--calls-per-second", type=click.FloatRange(0.1, 2000), default=25.0, show_default=True)
+@click.option("--containers", is_flag=True,
+              help="the same lab as containers on a Docker engine (scripts/docker-lab up, docker-compose.yml)")
 @topology_option
-def lab_up(demo: bool, contacts: int, calls_per_second: float, topology_path: str | None) -> None:
+def lab_up(demo: bool, contacts: int, calls_per_second: float, containers: bool, topology_path: str | None) -> None:
     """Start the servers, then every daemon on every POM server, then the demo campaigns (agentless; predictive
     in two zones with a desktop simulator of 50 agents each); print the tables."""
+    if containers:
+        _docker_lab("up")
     from pom_ha.infra.stack import Stack
     from pom_ha.lab.platform import create_agent_demo, create_demo, start_desktops, start_platform, wait_platform
     from pom_ha.status import read_table
@@ -121,9 +134,12 @@ async def _print_jobs(topo: Topology) -> None:
 
 
 @lab.command("down")
+@click.option("--containers", is_flag=True, help="the container lab (scripts/docker-lab down)")
 @topology_option
-def lab_down(topology_path: str | None) -> None:
+def lab_down(containers: bool, topology_path: str | None) -> None:
     """Stop every daemon and server the lab started (by PID). A no-op when nothing runs."""
+    if containers:
+        _docker_lab("down")
     from pom_ha.infra.stack import Stack
 
     stopped = asyncio.run(Stack(_topology(topology_path)).down())
