@@ -8,7 +8,9 @@ ARG BASE=debian:12-slim
 FROM ${BASE}
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 COPY deploy/docker/ca-certificates/ /tmp/extra-ca/
-RUN apt-get update -qq \
+# dpkg without fsync per file (as the official Debian images): unpacking on overlayfs is many times faster
+RUN echo force-unsafe-io > /etc/dpkg/dpkg.cfg.d/docker-apt-speedup \
+    && apt-get update -qq \
     && apt-get install -y -qq --no-install-recommends ca-certificates postgresql-15 >/dev/null \
     && (cp /tmp/extra-ca/*.crt /usr/local/share/ca-certificates/ 2>/dev/null || true) \
     && update-ca-certificates >/dev/null \
