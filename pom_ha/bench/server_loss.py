@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -314,6 +316,8 @@ async def _process_target(block: int, echo: Callable[[str], None]) -> tuple[Targ
         recs = [r for r in records(run_dir) if r.alive()]
         await asyncio.gather(*(asyncio.to_thread(stop_process, r, run_dir) for r in recs))
         await stack.down()
+        if not os.environ.get("POM_KEEP_LAB"):
+            shutil.rmtree(topo.lab_dir(), ignore_errors=True)
 
     try:
         echo(f"process lab on 127.0.{block}.N (lab folder {topo.lab_dir()})")
