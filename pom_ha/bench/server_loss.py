@@ -132,11 +132,14 @@ async def stuck(conn: asyncpg.Connection, older_than_s: float) -> int:
         " AND a.created_at < now() - make_interval(secs => $1)", older_than_s))
 
 
-async def members_back(conn: asyncpg.Connection, server: str, services: list[str], since: datetime) -> bool:
-    """Every HA service of ``services`` on ``server`` is registered again (a member started after
-    ``since``), fresh, and not MASTER for a singleton it lost: DORMANT, or RUNNING for pools."""
+async def members_back(conn: asyncpg.Connection, server: str, services: list[str], since: datetime, *,
+                       restarted: bool = True) -> bool:
+    """Every HA service of ``services`` on ``server`` is registered again — a member started after ``since``
+    (``restarted``), or one that refreshed its row after ``since`` (a paused or cut-off daemon that was not
+    restarted) — fresh, and DORMANT / RUNNING / MASTER (the caller checks what it may lead)."""
+    col = "started_at" if restarted else "seen_at"
     rows = await conn.fetch(
-        "SELECT service, state FROM ha_member WHERE server = $1 AND started_at > $2"
+        f"SELECT service, state FROM ha_member WHERE server = $1 AND {col} > $2"
         " AND seen_at > now() - interval '5 seconds' AND state IN ('DORMANT', 'RUNNING', 'MASTER')",
         server, since)
     have = {r["service"] for r in rows}
