@@ -161,7 +161,22 @@ def lab_demo(contacts: int, calls_per_second: float, wait_s: float, topology_pat
     topo = _topology(topology_path)
 
     async def go() -> None:
-        await wait_platform(topo, timeout_s=wait_s)
+        import time
+
+        import asyncpg
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            # a database that is slow or restarting breaks a connection mid-query: wait on a new one
+            try:
+                await wait_platform(topo, timeout_s=max(1.0, deadline - time.monotonic()))
+                break
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.exceptions._base.InternalClientError) as exc:
+                if time.monotonic() > deadline:
+                    raise InfraError(f"platform not up within {wait_s:.0f} s: {exc}") from exc
+                click.echo(f"  waiting for the platform: {exc.__class__.__name__}: {exc}")
+                await asyncio.sleep(2)
         click.echo("daemons up: every component registered on every server")
         click.echo(await create_demo(topo, contacts=contacts, calls_per_second=calls_per_second, echo=click.echo))
         jobs = await create_agent_demo(topo, echo=click.echo)
