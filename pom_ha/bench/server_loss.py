@@ -194,7 +194,7 @@ class Target:
 
 async def run_trial(target: Target, victim: str, *, timeout_s: float = 120.0,
                     stuck_after_s: float = 30.0, echo: Callable[[str], None] = print) -> Trial:
-    conn = await asyncpg.connect(target.dsn, timeout=10)
+    conn = await asyncpg.connect(target.dsn, timeout=90)
     try:
         jobs = list(await running_jobs(conn))
         if not jobs:
@@ -356,7 +356,7 @@ async def run_bench(*, containers: bool, trials: int, block: int = 30,
     target, close = await (_container_target(echo) if containers else _process_target(block, echo))
     try:
         # the demo dials before the first trial
-        conn = await asyncpg.connect(target.dsn, timeout=10)
+        conn = await asyncpg.connect(target.dsn, timeout=90)
         try:
             await poll(lambda: running_jobs(conn), 120, "the demo campaigns running")
             t0 = await db_now(conn)

@@ -75,7 +75,7 @@ class ComposeLab:
         """PostgreSQL of the lab through its loopback-published port."""
         pg = self.topo.postgres
         password = os.environ.get("POM_PG_PASSWORD", pg.password)
-        return f"postgresql://{pg.user}:{password}@{pg.address}:{pg.port}/{pg.database}"
+        return f"postgresql://{pg.user}:{password}@{pg.address}:{pg.port}/{pg.database}?sslmode=disable"
 
     @property
     def servers(self) -> list[str]:

@@ -91,7 +91,7 @@ def compose_lab() -> Iterator[ComposeLab]:
 
 @pytest.fixture
 async def db(compose_lab: ComposeLab) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(compose_lab.dsn, timeout=10)
+    conn = await asyncpg.connect(compose_lab.dsn, timeout=90)
     try:
         yield conn
     finally:
