@@ -74,7 +74,7 @@ class ComposeLab:
     def dsn(self) -> str:
         """PostgreSQL of the lab through its loopback-published port."""
         pg = self.topo.postgres
-        password = os.environ.get("POM_PG_PASSWORD", pg.password)
+        password = os.environ.get("POM_PG_PASSWORD", pg.password.get_secret_value())
         return f"postgresql://{pg.user}:{password}@{pg.address}:{pg.port}/{pg.database}?sslmode=disable"
 
     @property
