@@ -227,7 +227,7 @@ async def test_up_is_the_process_labs_lab_and_a_second_up_is_a_no_op(
     assert {"desktop-default", "desktop-zone1"} <= desktops, desktops
 
     async def agents_logged_in() -> bool:
-        n = await db.fetchval("SELECT count(*) FROM agents WHERE agent_id LIKE 'sim-%' AND state <> 'LoggedOut'")
+        n = await db.fetchval("SELECT count(*) FROM agents WHERE agent_id LIKE 'sim-%' AND logged_in")
         return bool(n and n >= 50)
 
     await poll(agents_logged_in, BACK_S, "the desktop simulators' agents logged in", every_s=1)
