@@ -194,6 +194,29 @@ def bench_infra_up(as_json: bool, topology_path: str | None) -> None:
     ) + f"\nready in {result['seconds']:.1f} s, total peak RSS {result['total_rss_mb']:.0f} MB")
 
 
+@bench.command("server-loss")
+@click.option("--containers", is_flag=True,
+              help="on the container lab (docker-compose.yml; the running one, or brought up and down)")
+@click.option("--trials", type=click.IntRange(1, 200), default=20, show_default=True)
+@click.option("--block", type=click.IntRange(3, 250), default=30, show_default=True,
+              help="process lab: its servers on 127.0.<block>.N, PostgreSQL on 127.0.<block+1>.1")
+@click.option("--json", "as_json", is_flag=True)
+def bench_server_loss(containers: bool, trials: int, block: int, as_json: bool) -> None:
+    """Kill every process (or container) of one POM server while the demo campaigns dial, rotating the
+    victim: roles back elsewhere, longest gap between attempts per job, duplicates, stuck (database clock)."""
+    from pom_ha.bench.server_loss import run_bench
+
+    try:
+        r = _run(run_bench(containers=containers, trials=trials, block=block, echo=click.echo))
+    except (RuntimeError, TimeoutError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(r) if as_json else (
+        f"server loss on the {r['lab']} lab, {r['trials']} trials: roles back p50 {r['roles_back_p50_ms']} ms,"
+        f" p99 {r['roles_back_p99_ms']} ms; longest dial gap p50 {r['dial_gap_p50_ms']} ms,"
+        f" p99 {r['dial_gap_p99_ms']} ms; duplicates {r['duplicates']}; stuck {r['stuck']}"))
+
+
 @bench.command("failover")
 @click.option("--mode", type=click.Choice(["kill", "stop", "graceful", "partition"]), default="kill")
 @click.option("--component", type=click.Choice(["probe", "cd", "cm", "re", "am"]), default="probe",

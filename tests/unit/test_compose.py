@@ -13,7 +13,7 @@ import yaml
 
 from pom_ha.cli import main
 from pom_ha.config import REPO_ROOT, load_topology
-from pom_ha.lab.platform import PLATFORM_DAEMONS
+from pom_ha.lab.platform import PLATFORM_DAEMONS, agent_zones, daemon_args
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 TOPOLOGY = REPO_ROOT / "config" / "compose.toml"
@@ -45,7 +45,10 @@ def test_every_pom_server_runs_its_servers_and_every_platform_daemon(compose: di
         assert infra["pid"] == f"service:{server.name}", "pid files must be valid across the server's containers"
         for daemon in PLATFORM_DAEMONS:
             svc = services[f"{server.name}-{daemon}"]
-            assert svc["command"] == ["run", daemon, "--server", server.name]
+            command = svc["command"]
+            assert command[:4] == ["run", daemon, "--server", server.name], command
+            assert command[4:4 + len(daemon_args(topo, daemon))] == daemon_args(topo, daemon), \
+                f"{daemon}: the process lab's arguments"
             assert svc["network_mode"] == f"service:{server.name}", "a daemon binds its POM server's address"
             assert svc["pid"] == f"service:{server.name}"
 
@@ -56,7 +59,7 @@ def test_commands_daemons_and_references_exist(compose: dict[str, Any]) -> None:
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
         mode = svc.get("network_mode", "")
-        if mode:
+        if mode and mode != "none":
             assert mode.startswith("service:") and mode.removeprefix("service:") in services, (name, mode)
         if svc.get("image") != "pom-ha:local" or "entrypoint" in svc:
             continue
@@ -86,3 +89,43 @@ def test_the_dockerfile_copies_what_exists() -> None:
         for src in sources:
             assert (REPO_ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
     assert "scripts/install" in dockerfile.read_text(), "the image installs exactly as a VM does"
+
+
+def test_every_server_and_daemon_has_a_health_check_and_a_grace_period(compose: dict[str, Any]) -> None:
+    topo = load_topology(TOPOLOGY)
+    services = compose["services"]
+    assert "healthcheck" in services["postgres"]
+    for server in topo.servers:
+        for name in [f"{server.name}-infra", *(f"{server.name}-{d}" for d in PLATFORM_DAEMONS)]:
+            svc = services[name]
+            test = svc["healthcheck"]["test"]
+            assert test[0] == "CMD" and test[1] == "/opt/pom-ha/deploy/docker/healthcheck", (name, test)
+            assert (REPO_ROOT / "deploy" / "docker" / "healthcheck").exists()
+            assert svc["stop_signal"] == "SIGTERM" and svc["stop_grace_period"], name
+        # daemons start once their server's servers are ready, not merely started
+        for daemon in PLATFORM_DAEMONS:
+            if daemon != "cache-service":
+                dep = services[f"{server.name}-{daemon}"]["depends_on"][f"{server.name}-infra"]
+                assert dep["condition"] == "service_healthy", daemon
+
+
+def test_postgres_takes_the_labs_connections_and_reaps_orphans(compose: dict[str, Any]) -> None:
+    pg = compose["services"]["postgres"]
+    command = pg["command"]
+    limit = int(next(a.split("=", 1)[1] for a in command if a.startswith("max_connections=")))
+    # 8 daemons x 3 servers with pools of up to 4-10, infra, status reads: the stock 100 is not enough
+    assert limit >= 300, limit
+    assert pg["init"] is True, "postgres as PID 1 takes a reparented health-check process for a crashed backend"
+    assert pg["image"].startswith("${POM_POSTGRES_IMAGE:-postgres:15}")
+
+
+def test_the_demo_and_a_desktop_simulator_per_agent_zone(compose: dict[str, Any]) -> None:
+    topo = load_topology(TOPOLOGY)
+    services = compose["services"]
+    assert services["demo"]["command"] == ["lab", "demo"]
+    needs = services["demo"]["depends_on"]
+    assert all(needs[f"{s.name}-{d}"]["condition"] == "service_healthy" for s in topo.servers for d in PLATFORM_DAEMONS)
+    for zone in agent_zones(topo):
+        desk = services[f"desktop-{zone.lower()}"]
+        assert desk["command"][:4] == ["lab", "desktop", "--zone", zone]
+        assert desk["depends_on"]["demo"]["condition"] == "service_completed_successfully"
