@@ -463,12 +463,11 @@ def _daemons_down(daemons: Iterable[str], server: str) -> dict[str, set[str]]:
 
 
 @dataclass
-class DaemonKill(Fault):
-    """SIGKILL of one pom-ha daemon; heal starts it again (the lab's own start command)."""
+class _DaemonFault(Fault):
+    """A fault of one daemon on one server: what it targets, whether it runs there, what it takes down."""
 
     daemon: str = ""
     server: str = ""
-    kind: ClassVar[str] = "daemon-kill"
 
     @property
     def target(self) -> str:
@@ -480,6 +479,13 @@ class DaemonKill(Fault):
 
     def down(self, lab: LabControl) -> dict[str, set[str]]:
         return _daemons_down([self.daemon], self.server)
+
+
+@dataclass
+class DaemonKill(_DaemonFault):
+    """SIGKILL of one pom-ha daemon; heal starts it again (the lab's own start command)."""
+
+    kind: ClassVar[str] = "daemon-kill"
 
     async def _inject(self, lab: LabControl) -> None:
         await asyncio.to_thread(lab.kill_daemon, self.daemon, self.server)
@@ -489,23 +495,10 @@ class DaemonKill(Fault):
 
 
 @dataclass
-class MasterPause(Fault):
+class MasterPause(_DaemonFault):
     """SIGSTOP of a master daemon (a long GC pause, a stalled VM); heal is SIGCONT."""
 
-    daemon: str = ""
-    server: str = ""
     kind: ClassVar[str] = "master-pause"
-
-    @property
-    def target(self) -> str:
-        return f"{self.daemon}@{self.server}"
-
-    def check(self, lab: LabControl) -> None:
-        if self.daemon not in lab.daemons_on(self.server):
-            raise FaultImpossible(f"{self.daemon} does not run on {self.server}")
-
-    def down(self, lab: LabControl) -> dict[str, set[str]]:
-        return _daemons_down([self.daemon], self.server)
 
     async def _inject(self, lab: LabControl) -> None:
         lab.pause_daemon(self.daemon, self.server)
