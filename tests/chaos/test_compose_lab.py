@@ -78,6 +78,8 @@ def compose_lab() -> Iterator[ComposeLab]:
     started_here = not lab.running()
     if started_here:
         up = subprocess.run([str(DOCKER_LAB), "up"], capture_output=True, text=True, timeout=900)
+        if up.returncode != 0:  # leave nothing running behind a failed start
+            subprocess.run([str(DOCKER_LAB), "down"], capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, f"scripts/docker-lab up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
     try:
         yield lab
