@@ -146,7 +146,7 @@ async def read_table_conn(conn: Any, servers: list[str]) -> ComponentTable:
     return build_table(list(await conn.fetch(SQL_MEMBERS)), servers, list(await conn.fetch(SQL_LEASES)))
 
 
-async def read_table(dsn: str, servers: list[str], *, timeout_s: float = 5.0) -> ComponentTable:
+async def read_table(dsn: str, servers: list[str], *, timeout_s: float = 10.0) -> ComponentTable:
     import asyncpg
 
     conn = await asyncpg.connect(dsn, timeout=timeout_s)

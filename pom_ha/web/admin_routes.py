@@ -367,6 +367,8 @@ def _as_route(row: AdminRoute) -> Route:
             raise ApiError(400, str(exc), field=exc.errors[0].field if exc.errors else None) from None
         except admin.AdminError as exc:
             raise ApiError(404 if exc.kind == "not_found" else 409, str(exc)) from None
+        except asyncpg.IntegrityConstraintViolationError as exc:  # a name taken, a row still referenced
+            raise ApiError(409, f"refused by the database: {exc}; nothing was done") from None
         except asyncpg.DataError as exc:  # e.g. a NUL character, which PostgreSQL text cannot hold
             raise ApiError(400, f"invalid value: {exc}; nothing was done") from None
         except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
