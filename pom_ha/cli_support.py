@@ -83,7 +83,7 @@ def print_component_table(topo: Topology, stale_after_s: float, as_json: bool) -
 
     status = run_or_exit(go())
     if as_json:
-        click.echo(json.dumps(status.as_json(stale_after_s)))
+        click.echo(json.dumps(status.as_json(stale_after_s), default=str))
     elif not status.rows:
         click.echo("no component has registered yet (no ha_member rows)")
     else:

@@ -103,7 +103,8 @@ class ComponentTable:
                 }
                 for service, cells in self.rows.items()
             },
-            "leases": [dict(x) for x in self.leases],
+            "leases": [{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in x.items()}
+                       for x in self.leases],
         }
 
     def masters(self, stale_after_s: float) -> dict[str, list[str]]:
