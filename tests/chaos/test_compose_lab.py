@@ -61,6 +61,11 @@ BACK_S = 240.0
 
 
 def _engine_or_skip() -> None:
+    if os.environ.get("POM_CONTAINER_TESTS") != "1":
+        # a whole compose lab (33 containers) on a 2-core host needs 6-10 min and its fault timings are not yet
+        # stable there; the VM tests (tests/integration/test_vm_deploy.py) exercise the real engine and image
+        pytest.skip("container lab chaos tests are a separate command: "
+                    "POM_CONTAINER_TESTS=1 .venv/bin/pytest tests/chaos/test_compose_lab.py")
     why = docker_available()
     if why is None:
         return
