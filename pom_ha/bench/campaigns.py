@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from pom_ha.bench.failover import latency_summary, percentile
+from pom_ha.bench.failover import latency_summary, percentile, poll
 from pom_ha.bench.isolated import isolated_topology
 from pom_ha.config import Topology, dump_topology
 from pom_ha.infra.postgres import PostgresLauncher
@@ -215,14 +215,7 @@ async def create_campaign_job(
 
 
 async def _poll(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise InfraError(f"not within {timeout_s:.0f} s: {what}")
-        await asyncio.sleep(0.02)
+    return await poll(check, timeout_s, what, every_s=0.02, error=InfraError)
 
 
 # ---- throughput ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import shutil
 import signal
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import asyncpg
@@ -37,6 +37,20 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * q // 100))
     return ordered[int(rank) - 1]
+
+
+async def poll(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str, *, every_s: float = 0.1,
+               error: type[Exception] = TimeoutError) -> Any:
+    """Await ``check()`` every ``every_s`` until it is truthy (and return that value); ``error`` naming ``what``
+    once ``timeout_s`` has passed. The benches' one polling loop."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise error(f"not within {timeout_s:.0f} s: {what}")
+        await asyncio.sleep(every_s)
 
 
 def latency_summary(samples_ms: list[float]) -> dict[str, float]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import asyncpg
 
-from pom_ha.bench.failover import latency_summary
+from pom_ha.bench.failover import latency_summary, poll
 
 # a role: ("lease", service, scope) or ("assign", service, item)
 Role = tuple[str, str, str]
@@ -157,15 +157,6 @@ def table_shape(table: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
     return shape
 
 
-async def poll(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str, every_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout_s:.0f} s: {what}")
-        await asyncio.sleep(every_s)
 
 
 # ---- one trial ---------------------------------------------------------------------------------------------
